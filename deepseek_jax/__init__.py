@@ -1,0 +1,15 @@
+"""deepseek-jax: DeepSeek-V2/V3 language models (MLA, DeepSeekMoE, MTP) in JAX and Flax NNX."""
+
+from deepseek_jax.config import Config, ModelConfig, from_hf_config, load_config
+from deepseek_jax.hf.load import load
+from deepseek_jax.model import DeepSeek, ModelOutput
+
+__all__ = [
+    "Config",
+    "DeepSeek",
+    "ModelConfig",
+    "ModelOutput",
+    "from_hf_config",
+    "load",
+    "load_config",
+]

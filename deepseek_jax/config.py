@@ -1,0 +1,560 @@
+"""Typed, frozen configuration: YAML files in `configs/` plus dotted `key=value` overrides.
+
+Every section is a frozen dataclass whose invariants are checked on construction; an error names
+the full dotted key and what is wrong with it (`model.moe.n_routed_experts=10 is not divisible by
+model.moe.n_group=4`). `from_hf_config` builds a `ModelConfig` from a Hugging Face `config.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import yaml
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, has a bad value, or contradicts another key."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding on the decoupled `qk_rope_head_dim` part; optional YaRN (SPEC §2)."""
+
+    theta: float = 10000.0
+    type: Literal["default", "yarn"] = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    # Multiplies cos/sin; None means "derive from factor, mscale and mscale_all_dim" as YaRN does.
+    attention_factor: float | None = None
+
+    def __post_init__(self):
+        p = "model.rope"
+        _require(self.theta > 0, f"{p}.theta={self.theta} must be positive")
+        _require(self.factor >= 1.0, f"{p}.factor={self.factor} must be >= 1")
+        _require(
+            self.original_max_position_embeddings > 0,
+            f"{p}.original_max_position_embeddings={self.original_max_position_embeddings} "
+            "must be positive",
+        )
+        _require(
+            self.beta_fast > self.beta_slow > 0,
+            f"{p}.beta_fast={self.beta_fast} must exceed {p}.beta_slow={self.beta_slow} > 0",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head Latent Attention dimensions (SPEC §1)."""
+
+    q_lora_rank: int | None = 1536  # None: a plain q_proj (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+
+    def __post_init__(self):
+        p = "model.mla"
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+            _require(getattr(self, name) > 0, f"{p}.{name}={getattr(self, name)} must be positive")
+        _require(
+            self.qk_rope_head_dim > 0 and self.qk_rope_head_dim % 2 == 0,
+            f"{p}.qk_rope_head_dim={self.qk_rope_head_dim} must be a positive even number "
+            "(RoPE rotates pairs of dimensions)",
+        )
+        _require(
+            self.q_lora_rank is None or self.q_lora_rank > 0,
+            f"{p}.q_lora_rank={self.q_lora_rank} must be positive or null (plain q_proj)",
+        )
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """DeepSeekMoE: shared + routed experts and the router (SPEC §3)."""
+
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    n_experts_per_tok: int = 8
+    moe_intermediate_size: int = 2048
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    # noaux_tc: V3 sigmoid router with selection bias; greedy / group_limited_greedy: V2 softmax.
+    topk_method: Literal["noaux_tc", "greedy", "group_limited_greedy"] = "noaux_tc"
+    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+
+    def __post_init__(self):
+        p = "model.moe"
+        for name in ("n_routed_experts", "n_experts_per_tok", "moe_intermediate_size", "n_group"):
+            _require(getattr(self, name) > 0, f"{p}.{name}={getattr(self, name)} must be positive")
+        _require(self.n_shared_experts >= 0, f"{p}.n_shared_experts must be >= 0")
+        _require(self.first_k_dense_replace >= 0, f"{p}.first_k_dense_replace must be >= 0")
+        _require(self.moe_layer_freq >= 1, f"{p}.moe_layer_freq={self.moe_layer_freq} must be >= 1")
+        _require(
+            self.n_experts_per_tok <= self.n_routed_experts,
+            f"{p}.n_experts_per_tok={self.n_experts_per_tok} exceeds "
+            f"{p}.n_routed_experts={self.n_routed_experts}",
+        )
+        _require(
+            self.n_routed_experts % self.n_group == 0,
+            f"{p}.n_routed_experts={self.n_routed_experts} is not divisible by "
+            f"{p}.n_group={self.n_group}",
+        )
+        _require(
+            1 <= self.topk_group <= self.n_group,
+            f"{p}.topk_group={self.topk_group} must be between 1 and {p}.n_group={self.n_group}",
+        )
+        per_group = self.n_routed_experts // self.n_group
+        _require(
+            self.n_experts_per_tok <= self.topk_group * per_group,
+            f"{p}.n_experts_per_tok={self.n_experts_per_tok} is more than the "
+            f"{self.topk_group * per_group} experts in {p}.topk_group={self.topk_group} groups",
+        )
+        if self.topk_method == "noaux_tc":
+            _require(
+                self.scoring_func == "sigmoid",
+                f"{p}.topk_method=noaux_tc needs {p}.scoring_func=sigmoid, got {self.scoring_func}",
+            )
+            # Group score is the sum of the top-2 affinities in the group (SPEC §3).
+            _require(
+                self.n_group == 1 or per_group >= 2,
+                f"{p}.n_routed_experts/{p}.n_group={per_group}: noaux_tc group scores need at "
+                "least 2 experts per group",
+            )
+        else:
+            _require(
+                self.scoring_func == "softmax",
+                f"{p}.topk_method={self.topk_method} needs {p}.scoring_func=softmax, "
+                f"got {self.scoring_func}",
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class MTPConfig:
+    """Multi-Token Prediction modules (SPEC §4); depth 0 disables them."""
+
+    depth: int = 0
+
+    def __post_init__(self):
+        _require(self.depth >= 0, f"model.mtp.depth={self.depth} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # dense SwiGLU width
+    num_layers: int = 61
+    num_heads: int = 128
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 163840
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    init_std: float = 0.006  # SPEC §7
+    mla: MLAConfig = MLAConfig()
+    moe: MoEConfig = MoEConfig()
+    mtp: MTPConfig = MTPConfig()
+    rope: RopeConfig = RopeConfig()
+    param_dtype: DType = "float32"
+    compute_dtype: DType = "bfloat16"
+    # Run each homogeneous run of layers under jax.lax.scan (False: a Python loop, same params).
+    scan_layers: bool = True
+
+    def __post_init__(self):
+        p = "model"
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            _require(getattr(self, name) > 0, f"{p}.{name}={getattr(self, name)} must be positive")
+        _require(self.rms_norm_eps > 0, f"{p}.rms_norm_eps must be positive")
+        _require(self.init_std > 0, f"{p}.init_std must be positive")
+        for name in ("bos_token_id", "eos_token_id"):
+            tok = getattr(self, name)
+            _require(
+                tok is None or 0 <= tok < self.vocab_size,
+                f"{p}.{name}={tok} is outside the vocabulary [0, {self.vocab_size})",
+            )
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """SPEC §3: layer l is MoE iff l >= first_k_dense_replace and l % moe_layer_freq == 0."""
+        return layer >= self.moe.first_k_dense_replace and layer % self.moe.moe_layer_freq == 0
+
+    @property
+    def layer_kinds(self) -> tuple[str, ...]:
+        """'dense' or 'moe' for each main layer followed by each MTP block."""
+        n = self.num_layers + self.mtp.depth
+        return tuple("moe" if self.is_moe_layer(i) else "dense" for i in range(n))
+
+    @property
+    def softmax_scale(self) -> float:
+        """(d_n + d_r)^-0.5, times mscale(factor, mscale_all_dim)^2 under YaRN (SPEC §1)."""
+        scale = self.mla.qk_head_dim**-0.5
+        if self.rope.type == "yarn" and self.rope.mscale_all_dim:
+            m = yarn_mscale(self.rope.factor, self.rope.mscale_all_dim)
+            scale *= m * m
+        return scale
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1·mscale·ln(factor) + 1 (1 when not extending)."""
+    return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Root config. Later sections (mesh, train, data) hang off this too."""
+
+    model: ModelConfig = ModelConfig()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building dataclasses from nested dicts with type checking.
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected {_type_name(tp)}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        _require(value in choices, f"{key}={value!r} is not one of {list(choices)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        _require(
+            isinstance(value, Mapping),
+            f"{key} must be a mapping of {tp.__name__} fields, got {value!r}",
+        )
+        return _build(tp, value, key)
+    if tp is bool:
+        _require(isinstance(value, bool), f"{key}={value!r} must be true or false")
+        return value
+    if tp is int:
+        _require(
+            isinstance(value, int) and not isinstance(value, bool),
+            f"{key}={value!r} must be an integer",
+        )
+        return value
+    if tp is float:
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"{key}={value!r} must be a number",
+        )
+        return float(value)
+    if tp is str:
+        _require(isinstance(value, str), f"{key}={value!r} must be a string")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        _require(
+            isinstance(child, dict),
+            f"override {dotted}: '{part}' is a value, not a section",
+        )
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict:
+    """Turn ['model.moe.n_group=4', ...] into a nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        _require(bool(sep) and bool(key), f"override '{item}' is not of the form key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return tree
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(values: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
+    return _build(Config, _merge(dict(values), parse_overrides(overrides)), "")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (a path, or a name in `configs/` such as 'tiny') and apply overrides."""
+    values: dict = {}
+    if path is not None:
+        resolved = _resolve_config_path(path)
+        with open(resolved) as f:
+            loaded = yaml.safe_load(f)
+        _require(
+            loaded is None or isinstance(loaded, dict),
+            f"{resolved}: top level must be a mapping of sections",
+        )
+        values = loaded or {}
+    return config_from_dict(values, overrides)
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _resolve_config_path(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if os.path.exists(path):
+        return path
+    candidate = os.path.join(CONFIG_DIR, path if path.endswith(".yaml") else f"{path}.yaml")
+    if os.path.exists(candidate):
+        return candidate
+    raise FileNotFoundError(f"config file not found: {path} (also looked for {candidate})")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """`dataclasses.replace` with dotted keys for nested fields: replace(m, **{"moe.n_group": 2})."""
+    nested: dict = {}
+    for k, v in changes.items():
+        _set_dotted(nested, k, v)
+    return _replace_nested(cfg, nested)
+
+
+def _replace_nested(cfg: Any, nested: Mapping) -> Any:
+    kw = {}
+    for k, v in nested.items():
+        if isinstance(v, Mapping) and dataclasses.is_dataclass(getattr(cfg, k)):
+            kw[k] = _replace_nested(getattr(cfg, k), v)
+        else:
+            kw[k] = v
+    return dataclasses.replace(cfg, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face config.json -> ModelConfig.
+
+# Keys that change the math and that we do not implement: refuse rather than silently differ.
+_HF_MUST_EQUAL = {
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+}
+
+
+def from_hf_config(hf: Mapping[str, Any] | str | os.PathLike, **overrides: Any) -> ModelConfig:
+    """Build a ModelConfig from a Hugging Face DeepSeek-V2/V3 `config.json` (dict or path).
+
+    Accepts `rope_scaling` (hub files, key `type`) and `rope_parameters` (transformers 5.x, key
+    `rope_type`). Keys that do not change the math (use_cache, initializer_range, ...) are ignored.
+    `overrides` are dotted ModelConfig fields, e.g. compute_dtype="float32".
+    """
+    if not isinstance(hf, Mapping):
+        with open(hf) as f:
+            hf = json.load(f)
+    model_type = hf.get("model_type", "deepseek_v3")
+    _require(
+        model_type in ("deepseek_v2", "deepseek_v3"),
+        f"config.json model_type={model_type!r} is not deepseek_v2 or deepseek_v3",
+    )
+    for key, want in _HF_MUST_EQUAL.items():
+        if key in hf and hf[key] is not None:
+            _require(hf[key] == want, f"config.json {key}={hf[key]!r} is not supported ({want!r})")
+    _require(
+        hf.get("rope_interleave", True) in (True, None),
+        "config.json rope_interleave=false is not supported (DeepSeek rotates adjacent pairs)",
+    )
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads")
+    _require(
+        kv_heads in (None, heads),
+        f"config.json num_key_value_heads={kv_heads} != num_attention_heads={heads}: MLA has "
+        "one latent shared by all heads, grouped K/V heads do not apply",
+    )
+
+    is_v3 = model_type == "deepseek_v3"
+    topk_method = hf.get("topk_method") or ("noaux_tc" if is_v3 else "greedy")
+    scoring = hf.get("scoring_func") or ("sigmoid" if topk_method == "noaux_tc" else "softmax")
+    n_group = hf.get("n_group") or 1
+    moe = dict(
+        n_routed_experts=hf["n_routed_experts"],
+        n_shared_experts=hf.get("n_shared_experts") or 0,
+        n_experts_per_tok=hf["num_experts_per_tok"],
+        moe_intermediate_size=hf["moe_intermediate_size"],
+        first_k_dense_replace=hf.get("first_k_dense_replace") or 0,
+        moe_layer_freq=hf.get("moe_layer_freq") or 1,
+        topk_method=topk_method,
+        scoring_func=scoring,
+        n_group=n_group,
+        topk_group=hf.get("topk_group") or n_group,
+        # transformers' V2 router never renormalizes; its V3 router follows the flag.
+        norm_topk_prob=bool(hf.get("norm_topk_prob", False)) and topk_method == "noaux_tc",
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+    )
+    mla = dict(
+        q_lora_rank=hf.get("q_lora_rank"),
+        kv_lora_rank=hf["kv_lora_rank"],
+        qk_nope_head_dim=hf["qk_nope_head_dim"],
+        qk_rope_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"],
+    )
+    eos = hf.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    values = dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=eos,
+        mla=mla,
+        moe=moe,
+        mtp=dict(depth=hf.get("num_nextn_predict_layers") or 0),
+        rope=_hf_rope(hf),
+    )
+    cfg = _build(ModelConfig, values, "model")
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def _hf_rope(hf: Mapping[str, Any]) -> dict:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if kind == "default":
+        return dict(theta=float(theta))
+    _require(kind == "yarn", f"config.json rope type {kind!r} is not supported (default or yarn)")
+    original = params.get("original_max_position_embeddings")
+    _require(original is not None, "config.json yarn rope needs original_max_position_embeddings")
+    factor = params.get("factor")
+    if factor is None:  # transformers derives it from the two context lengths
+        factor = hf["max_position_embeddings"] / original
+    _require(
+        params.get("truncate", True) is not False,
+        "config.json rope truncate=false is not supported",
+    )
+    return dict(
+        theta=float(theta),
+        type="yarn",
+        factor=float(factor),
+        original_max_position_embeddings=int(original),
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        mscale=float(params.get("mscale") or 0.0),
+        mscale_all_dim=float(params.get("mscale_all_dim") or 0.0),
+        attention_factor=params.get("attention_factor"),
+    )
+
+
+def to_hf_config(cfg: ModelConfig) -> dict:
+    """The Hugging Face config.json for `cfg` (the inverse of `from_hf_config`)."""
+    model_type = "deepseek_v3" if cfg.moe.topk_method == "noaux_tc" else "deepseek_v2"
+    rope: dict[str, Any] = {"rope_theta": cfg.rope.theta, "rope_type": cfg.rope.type}
+    if cfg.rope.type == "yarn":
+        rope.update(
+            factor=cfg.rope.factor,
+            original_max_position_embeddings=cfg.rope.original_max_position_embeddings,
+            beta_fast=cfg.rope.beta_fast,
+            beta_slow=cfg.rope.beta_slow,
+            mscale=cfg.rope.mscale,
+            mscale_all_dim=cfg.rope.mscale_all_dim,
+        )
+        if cfg.rope.attention_factor is not None:
+            rope["attention_factor"] = cfg.rope.attention_factor
+    out = dict(
+        architectures=[
+            "DeepseekV3ForCausalLM" if model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"
+        ],
+        model_type=model_type,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        rms_norm_eps=cfg.rms_norm_eps,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        attention_bias=False,
+        q_lora_rank=cfg.mla.q_lora_rank,
+        kv_lora_rank=cfg.mla.kv_lora_rank,
+        qk_nope_head_dim=cfg.mla.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.mla.qk_rope_head_dim,
+        v_head_dim=cfg.mla.v_head_dim,
+        n_routed_experts=cfg.moe.n_routed_experts,
+        n_shared_experts=cfg.moe.n_shared_experts,
+        num_experts_per_tok=cfg.moe.n_experts_per_tok,
+        moe_intermediate_size=cfg.moe.moe_intermediate_size,
+        first_k_dense_replace=cfg.moe.first_k_dense_replace,
+        moe_layer_freq=cfg.moe.moe_layer_freq,
+        topk_method=cfg.moe.topk_method,
+        scoring_func=cfg.moe.scoring_func,
+        n_group=cfg.moe.n_group,
+        topk_group=cfg.moe.topk_group,
+        norm_topk_prob=cfg.moe.norm_topk_prob,
+        routed_scaling_factor=cfg.moe.routed_scaling_factor,
+        num_nextn_predict_layers=cfg.mtp.depth,
+        rope_parameters=rope,
+    )
+    return out

@@ -1,0 +1,91 @@
+"""Parameters with logical axis names, linear maps, RMSNorm and the embedding.
+
+Every parameter is an `nnx.Param` carrying `axes`: one logical name per array dimension
+(`embed`, `heads`, `q_lora`, `kv_lora`, `head_dim`, `experts`, `mlp`, `vocab`, `layers`). The
+sharding rules map these names to mesh axes; model code never names a mesh axis.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.config import ModelConfig
+
+Axes = tuple[str | None, ...]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def param(
+    rngs: nnx.Rngs | None,
+    shape: tuple[int, ...],
+    axes: Axes,
+    cfg: ModelConfig,
+    init: str = "normal",
+) -> nnx.Param:
+    """A parameter of `shape` with logical `axes`; 'normal' draws N(0, init_std²), 'ones' is 1."""
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {axes} do not match shape {shape}")
+    dtype = DTYPES[cfg.param_dtype]
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = cfg.init_std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, axes=axes)
+
+
+def cast(p: nnx.Variable, cfg: ModelConfig) -> jax.Array:
+    """The parameter's value in the compute dtype (fp32 master weights stay untouched)."""
+    return p[...].astype(DTYPES[cfg.compute_dtype])
+
+
+class RMSNorm(nnx.Module):
+    """w ⊙ x / sqrt(mean(x²) + eps), normalized in fp32 and returned in the compute dtype.
+
+    The scale multiplies after the cast back, as the reference implementations do.
+    """
+
+    def __init__(self, dim: int, cfg: ModelConfig, axis: str = "embed"):
+        self.cfg = cfg
+        self.scale = param(None, (dim,), (axis,), cfg, init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(
+            jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps
+        )
+        dtype = DTYPES[self.cfg.compute_dtype]
+        return cast(self.scale, self.cfg) * x32.astype(dtype)
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate x) ⊙ up x): the dense FFN and the shared-expert block (SPEC §3)."""
+
+    def __init__(self, cfg: ModelConfig, width: int, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = cfg.hidden_size
+        self.gate_DF = param(rngs, (d, width), ("embed", "mlp"), cfg)
+        self.up_DF = param(rngs, (d, width), ("embed", "mlp"), cfg)
+        self.down_FD = param(rngs, (width, d), ("mlp", "embed"), cfg)
+
+    def __call__(self, x_btd: jax.Array) -> jax.Array:
+        gate_btf = jnp.einsum("btd,df->btf", x_btd, cast(self.gate_DF, self.cfg))
+        up_btf = jnp.einsum("btd,df->btf", x_btd, cast(self.up_DF, self.cfg))
+        return jnp.einsum(
+            "btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, cast(self.down_FD, self.cfg)
+        )
+
+
+class Embed(nnx.Module):
+    """Token embedding table [V, D] (no scaling, SPEC §1)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.table_VD = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+
+    def __call__(self, tokens_bt: jax.Array) -> jax.Array:
+        return jnp.take(cast(self.table_VD, self.cfg), tokens_bt, axis=0)
