@@ -369,7 +369,7 @@ def to_dict(cfg: Any) -> dict:
 
 
 def replace(cfg: Any, **changes: Any) -> Any:
-    """`dataclasses.replace` with dotted keys for nested fields: replace(m, **{"moe.n_group": 2})."""
+    """`dataclasses.replace` with dotted nested keys: replace(m, **{"moe.n_group": 2})."""
     nested: dict = {}
     for k, v in changes.items():
         _set_dotted(nested, k, v)
