@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -238,6 +239,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
@@ -259,6 +263,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         _require(value in choices, f"{key}={value!r} is not one of {list(choices)}")
         return value
     if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
         _require(
             isinstance(value, Mapping),
             f"{key} must be a mapping of {tp.__name__} fields, got {value!r}",
@@ -274,6 +280,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         )
         return value
     if tp is float:
+        if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
+            value = float(value)  # PyYAML (YAML 1.1) reads `1e-5` (no dot) as a string
         _require(
             isinstance(value, (int, float)) and not isinstance(value, bool),
             f"{key}={value!r} must be a number",
@@ -292,11 +300,16 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     for k, v in values.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)
-            hint = f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown config key '{key}'{hint}")
+            _unknown_key(key, str(k), names, prefix)
         kwargs[k] = _coerce(v, hints[k], key)
     return cls(**kwargs)
+
+
+def _unknown_key(key: str, name: str, names: Sequence[str], prefix: str) -> typing.NoReturn:
+    close = difflib.get_close_matches(name, names, n=3)
+    dotted = [f"'{prefix + '.' if prefix else ''}{c}'" for c in close]
+    hint = f"; did you mean {' or '.join(dotted)}?" if close else ""
+    raise ConfigError(f"unknown config key '{key}'{hint}")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -369,31 +382,55 @@ def to_dict(cfg: Any) -> dict:
 
 
 def replace(cfg: Any, **changes: Any) -> Any:
-    """`dataclasses.replace` with dotted nested keys: replace(m, **{"moe.n_group": 2})."""
+    """`dataclasses.replace` with dotted nested keys: replace(m, **{"moe.n_group": 2}).
+
+    Values are checked like YAML values and overrides (types, choices, unknown keys).
+    """
     nested: dict = {}
     for k, v in changes.items():
         _set_dotted(nested, k, v)
-    return _replace_nested(cfg, nested)
+    return _replace_nested(cfg, nested, _PREFIX.get(type(cfg), ""))
 
 
-def _replace_nested(cfg: Any, nested: Mapping) -> Any:
+def _replace_nested(cfg: Any, nested: Mapping, prefix: str) -> Any:
+    hints = typing.get_type_hints(type(cfg))
     kw = {}
     for k, v in nested.items():
-        if isinstance(v, Mapping) and dataclasses.is_dataclass(getattr(cfg, k)):
-            kw[k] = _replace_nested(getattr(cfg, k), v)
+        key = f"{prefix}.{k}" if prefix else str(k)
+        current = getattr(cfg, k, None)
+        if isinstance(v, Mapping) and dataclasses.is_dataclass(current):
+            kw[k] = _replace_nested(current, v, key)
+        elif k in hints:
+            kw[k] = _coerce(v, hints[k], key)
         else:
-            kw[k] = v
+            _unknown_key(key, str(k), list(hints), prefix)
     return dataclasses.replace(cfg, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face config.json -> ModelConfig.
 
+_HF_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+)
+
 # Keys that change the math and that we do not implement: refuse rather than silently differ.
 _HF_MUST_EQUAL = {
     "hidden_act": "silu",
     "tie_word_embeddings": False,
     "attention_bias": False,
+    "mlp_bias": False,
 }
 
 
@@ -405,8 +442,13 @@ def from_hf_config(hf: Mapping[str, Any] | str | os.PathLike, **overrides: Any) 
     `overrides` are dotted ModelConfig fields, e.g. compute_dtype="float32".
     """
     if not isinstance(hf, Mapping):
-        with open(hf) as f:
+        path = os.fspath(hf)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path) as f:
             hf = json.load(f)
+    missing = [k for k in _HF_REQUIRED if hf.get(k) is None]
+    _require(not missing, f"config.json lacks required key(s) {', '.join(missing)}")
     model_type = hf.get("model_type", "deepseek_v3")
     _require(
         model_type in ("deepseek_v2", "deepseek_v3"),
@@ -558,3 +600,13 @@ def to_hf_config(cfg: ModelConfig) -> dict:
         rope_parameters=rope,
     )
     return out
+
+
+_PREFIX = {
+    Config: "",
+    ModelConfig: "model",
+    MLAConfig: "model.mla",
+    MoEConfig: "model.moe",
+    MTPConfig: "model.mtp",
+    RopeConfig: "model.rope",
+}

@@ -1,0 +1,43 @@
+"""`deepseek-jax` command line: thin wrappers over library functions."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+import yaml
+
+from deepseek_jax.config import ConfigError, load_config
+
+
+def _info(args: argparse.Namespace) -> int:
+    from deepseek_jax.model.stats import param_counts
+
+    cfg = load_config(args.config, args.overrides)
+    print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+    counts = param_counts(cfg.model)
+    print(
+        f"# parameters: {counts['total'] / 1e9:.3f}B total, {counts['active'] / 1e9:.3f}B active "
+        f"per token, {counts['mtp_total'] / 1e9:.3f}B in MTP modules"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="deepseek-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="print the resolved config and its parameter counts")
+    info.add_argument("config", nargs="?", default="tiny", help="YAML path or name in configs/")
+    info.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    info.set_defaults(func=_info)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"deepseek-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
