@@ -60,8 +60,13 @@ class DeepSeek(nnx.Module):
         """fp32 logits from hidden states (applies the final norm unless `normed`)."""
         if not normed:
             h_btd = self.final_norm(h_btd)
-        logits = jnp.einsum("btd,dv->btv", h_btd, cast(self.lm_head_DV, self.cfg))
-        return logits.astype(jnp.float32)
+        # Accumulate in fp32 even under bf16 compute: logits feed a softmax over a large vocab.
+        return jnp.einsum(
+            "btd,dv->btv",
+            h_btd,
+            cast(self.lm_head_DV, self.cfg),
+            preferred_element_type=jnp.float32,
+        )
 
     def trunk(
         self,
