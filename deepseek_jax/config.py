@@ -185,6 +185,9 @@ class ModelConfig:
     compute_dtype: DType = "bfloat16"
     # Run each homogeneous run of layers under jax.lax.scan (False: a Python loop, same params).
     scan_layers: bool = True
+    # Rematerialization of each block in the backward pass: none (keep all activations), full
+    # (recompute the block), dots (keep matmul outputs without batch dims, recompute the rest).
+    remat: Literal["none", "full", "dots"] = "none"
 
     def __post_init__(self):
         p = "model"
@@ -224,11 +227,136 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: sizes of the data, fsdp, expert and tensor axes; one may be -1 (the rest).
+
+    `dcn_data` > 1 builds a hybrid mesh whose data axis spans that many slices (TPU) or process
+    groups (GPU/CPU hosts), the other axes staying inside one slice or host.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    expert: int = 1
+    tensor: int = 1
+    dcn_data: int = 1
+    # Logical-axis rules preset: dp (replicate weights), fsdp (shard weights over fsdp),
+    # ep (routed experts over expert, other weights over fsdp), ep_fsdp (expert axis also
+    # shards attention and dense weights, FSDP-style).
+    rules: Literal["dp", "fsdp", "ep", "ep_fsdp"] = "ep"
+
+    def __post_init__(self):
+        p = "mesh"
+        sizes = [getattr(self, a) for a in MESH_AXES]
+        _require(
+            all(s == -1 or s >= 1 for s in sizes),
+            f"{p}: axis sizes must be >= 1 or -1, got {dict(zip(MESH_AXES, sizes, strict=True))}",
+        )
+        _require(sizes.count(-1) <= 1, f"{p}: at most one axis may be -1, got {sizes}")
+        _require(self.dcn_data >= 1, f"{p}.dcn_data={self.dcn_data} must be >= 1")
+
+    def resolve(self, n_devices: int) -> dict[str, int]:
+        """Axis sizes with -1 filled so that their product is `n_devices`."""
+        sizes = {a: getattr(self, a) for a in MESH_AXES}
+        known = math.prod(v for v in sizes.values() if v != -1)
+        for a, v in sizes.items():
+            if v == -1:
+                _require(
+                    n_devices % known == 0,
+                    f"mesh.{a}=-1: {n_devices} devices are not divisible by the other axes "
+                    f"({known})",
+                )
+                sizes[a] = n_devices // known
+        _require(
+            math.prod(sizes.values()) == n_devices,
+            f"mesh {sizes} needs {math.prod(sizes.values())} devices, but {n_devices} are present",
+        )
+        _require(
+            sizes["data"] % self.dcn_data == 0,
+            f"mesh.data={sizes['data']} is not divisible by mesh.dcn_data={self.dcn_data}",
+        )
+        return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimization, loss weights and the loop (SPEC §7 defaults where they apply)."""
+
+    steps: int = 100
+    batch_size: int = 8  # global, in sequences
+    seq_len: int = 128
+    micro_batches: int = 1  # gradient accumulation: batch_size is split into this many
+    seed: int = 0
+    learning_rate: float = 2.2e-4
+    min_learning_rate: float = 2.2e-5
+    warmup_steps: int = 10
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    # MTP loss weight λ (SPEC §4, §7): mtp_lambda until mtp_lambda_switch_step, then the final one.
+    mtp_lambda: float = 0.3
+    mtp_lambda_final: float = 0.1
+    mtp_lambda_switch_step: int = 1_000_000_000
+    balance_alpha: float = 1e-4  # sequence-wise balance loss weight α (SPEC §3)
+    bias_gamma: float = 0.001  # aux-loss-free bias update speed γ (SPEC §3)
+    z_loss: float = 0.0  # weight of mean(logsumexp(logits)²), 0 disables
+    log_every: int = 1
+    run_dir: str = "runs/default"
+    # Peak FLOP/s of one device for MFU; null measures a large matmul at start-up.
+    peak_flops_per_device: float | None = None
+
+    def __post_init__(self):
+        p = "train"
+        for name in ("steps", "batch_size", "seq_len", "micro_batches", "log_every"):
+            _require(getattr(self, name) >= 1, f"{p}.{name}={getattr(self, name)} must be >= 1")
+        _require(
+            self.batch_size % self.micro_batches == 0,
+            f"{p}.batch_size={self.batch_size} is not divisible by "
+            f"{p}.micro_batches={self.micro_batches}",
+        )
+        _require(self.learning_rate > 0, f"{p}.learning_rate must be positive")
+        _require(
+            0 <= self.min_learning_rate <= self.learning_rate,
+            f"{p}.min_learning_rate={self.min_learning_rate} must be in [0, learning_rate]",
+        )
+        _require(self.warmup_steps >= 0, f"{p}.warmup_steps must be >= 0")
+        for name in ("mtp_lambda", "mtp_lambda_final", "balance_alpha", "bias_gamma", "z_loss"):
+            _require(getattr(self, name) >= 0, f"{p}.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process setup for `jax.distributed.initialize`; nulls fall back to the usual
+    environment (JAX_COORDINATOR_ADDRESS, SLURM, Cloud TPU metadata)."""
+
+    enabled: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    # CPU collectives between processes (tests, CPU clusters): gloo or mpi.
+    cpu_collectives: Literal["gloo", "mpi"] = "gloo"
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Root config. Later sections (mesh, train, data) hang off this too."""
+    """Root config: the model, the device mesh, training and multi-process settings."""
 
     model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    def __post_init__(self):
+        mb = self.train.batch_size // self.train.micro_batches
+        _require(
+            mb >= 1,
+            f"train.batch_size/train.micro_batches={mb} sequences per micro-batch",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,6 +732,9 @@ def to_hf_config(cfg: ModelConfig) -> dict:
 
 _PREFIX = {
     Config: "",
+    MeshConfig: "mesh",
+    TrainConfig: "train",
+    DistributedConfig: "distributed",
     ModelConfig: "model",
     MLAConfig: "model.mla",
     MoEConfig: "model.moe",

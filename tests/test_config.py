@@ -432,7 +432,7 @@ def test_replace_dotted_and_checked():
             r"unknown config key 'model\.moe\.n_experts'; did you mean .*"
             r"'model\.moe\.n_routed_experts'",
         ),
-        (["train.lr=1"], r"unknown config key 'train'"),
+        (["train.lr=1"], r"unknown config key 'train.lr'"),
         (["model.num_layers=-1"], r"model\.num_layers=-1 must be positive"),
         (["model.hidden_size=0"], r"model\.hidden_size=0 must be positive"),
         (

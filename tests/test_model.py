@@ -485,7 +485,17 @@ def test_yarn_inv_frequencies_v3():
 # ---------------------------------------------------------------------------------------------
 # Logical axis names and dtypes.
 
-ALLOWED_AXES = {"embed", "heads", "q_lora", "kv_lora", "head_dim", "experts", "mlp", "vocab"}
+ALLOWED_AXES = {
+    "embed",
+    "expert_embed",
+    "heads",
+    "q_lora",
+    "kv_lora",
+    "head_dim",
+    "experts",
+    "mlp",
+    "vocab",
+}
 STACKED = ("dense_layers", "moe_layers", "mtp")
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.layers import RMSNorm, SwiGLU
 from deepseek_jax.model.mla import MLA
@@ -26,6 +27,7 @@ class Block(nnx.Module):
 
     def __call__(self, x_btd, cos_btk, sin_btk, segment_ids_bt=None):
         """Returns the new residual stream and the MoE aux dict (empty for a dense block)."""
+        x_btd = sharding.constrain(x_btd, ("batch", None, None))
         with jax.named_scope("attention"):
             x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btk, sin_btk, segment_ids_bt)
         with jax.named_scope(self.kind):
@@ -62,11 +64,13 @@ def run_stack(
     start: int,
     count: int,
     scan: bool,
+    remat: str = "none",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Run layers [start, start+count) of a stacked Block; aux values gain a leading layer axis.
 
     scan=True traces one layer and loops with `jax.lax.scan`; scan=False unrolls in Python. Both
-    read the same stacked parameters, so a checkpoint serves either.
+    read the same stacked parameters, so a checkpoint serves either. `remat` recomputes each
+    layer in the backward pass: "full" keeps only its input, "dots" also keeps matmul outputs.
     """
     graphdef, state = nnx.split(stack)
     total = jax.tree.leaves(state)[0].shape[0]
@@ -75,6 +79,12 @@ def run_stack(
 
     def layer(x, layer_state):
         return nnx.merge(graphdef, layer_state)(x, cos_btk, sin_btk, segment_ids_bt)
+
+    if remat != "none":
+        policy = (
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
+        )
+        layer = jax.checkpoint(layer, policy=policy, prevent_cse=not scan)
 
     if scan:
         return jax.lax.scan(layer, x_btd, state)

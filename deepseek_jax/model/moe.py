@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.config import ModelConfig, MoEConfig
+from deepseek_jax.model.dispatch import routed_experts
 from deepseek_jax.model.layers import SwiGLU, cast, param
 
 
@@ -80,29 +81,18 @@ def sequence_balance_loss(
     return jnp.mean(jnp.sum(jax.lax.stop_gradient(f_be) * p_be, axis=-1))
 
 
-def grouped_swiglu(
-    x_md: jax.Array,
-    group_sizes_e: jax.Array,
-    gate_edf: jax.Array,
-    up_edf: jax.Array,
-    down_efd: jax.Array,
-) -> jax.Array:
-    """Each expert's SwiGLU over its contiguous rows of x (rows sorted by expert)."""
-    gate_mf = jax.lax.ragged_dot(x_md, gate_edf, group_sizes_e)
-    up_mf = jax.lax.ragged_dot(x_md, up_edf, group_sizes_e)
-    return jax.lax.ragged_dot(jax.nn.silu(gate_mf) * up_mf, down_efd, group_sizes_e)
-
-
 class MoE(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
         moe, d = cfg.moe, cfg.hidden_size
         e, f = moe.n_routed_experts, moe.moe_intermediate_size
-        self.router_DE = param(rngs, (d, e), ("embed", "experts"), cfg)
+        # Expert-side weights name their model-width axis `expert_embed`, so that a rules preset
+        # can shard attention/dense weights over the expert axis without colliding with E.
+        self.router_DE = param(rngs, (d, e), ("expert_embed", "experts"), cfg)
         self.router_bias_E = RouterBias(jnp.zeros((e,), jnp.float32), axes=("experts",))
-        self.gate_EDF = param(rngs, (e, d, f), ("experts", "embed", "mlp"), cfg)
-        self.up_EDF = param(rngs, (e, d, f), ("experts", "embed", "mlp"), cfg)
-        self.down_EFD = param(rngs, (e, f, d), ("experts", "mlp", "embed"), cfg)
+        self.gate_EDF = param(rngs, (e, d, f), ("experts", "expert_embed", "mlp"), cfg)
+        self.up_EDF = param(rngs, (e, d, f), ("experts", "expert_embed", "mlp"), cfg)
+        self.down_EFD = param(rngs, (e, f, d), ("experts", "mlp", "expert_embed"), cfg)
         self.shared = (
             SwiGLU(cfg, moe.n_shared_experts * f, rngs) if moe.n_shared_experts > 0 else None
         )
@@ -117,19 +107,16 @@ class MoE(nnx.Module):
         logits_ne = x_nd.astype(jnp.float32) @ self.router_DE[...].astype(jnp.float32)
         weights_nk, experts_nk, scores_ne = route(moe, logits_ne, self.router_bias_E[...])
 
-        # Dropless dispatch: sort the N·K assignments by expert, run the grouped matmul, unsort.
-        flat_m = experts_nk.reshape(-1)
-        order_m = jnp.argsort(flat_m, stable=True)
-        load_e = jnp.bincount(flat_m, length=e).astype(jnp.int32)
-        out_md = grouped_swiglu(
-            x_nd[order_m // k],
-            load_e,
+        # Dropless: every (token, expert) pair is computed, on a grouped matmul (dispatch.py).
+        routed_nd = routed_experts(
+            x_nd,
+            experts_nk,
+            weights_nk,
             cast(self.gate_EDF, cfg),
             cast(self.up_EDF, cfg),
             cast(self.down_EFD, cfg),
         )
-        out_nkd = jnp.zeros_like(out_md).at[order_m].set(out_md).reshape(b * t, k, d)
-        routed_nd = jnp.einsum("nkd,nk->nd", out_nkd.astype(jnp.float32), weights_nk)
+        load_e = jnp.bincount(experts_nk.reshape(-1), length=e).astype(jnp.int32)
         y_btd = routed_nd.astype(x_btd.dtype).reshape(b, t, d)
         if self.shared is not None:
             y_btd = y_btd + self.shared(x_btd)

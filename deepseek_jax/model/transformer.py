@@ -81,7 +81,15 @@ class DeepSeek(nnx.Module):
             stack = self.moe_layers if kind == "moe" else self.dense_layers
             with jax.named_scope(f"{kind}_layers_{start}"):
                 x_btd, aux = run_stack(
-                    stack, x_btd, cos, sin, segment_ids_bt, start, count, self.cfg.scan_layers
+                    stack,
+                    x_btd,
+                    cos,
+                    sin,
+                    segment_ids_bt,
+                    start,
+                    count,
+                    scan=self.cfg.scan_layers,
+                    remat=self.cfg.remat,
                 )
             if aux:
                 auxes.append(aux)
