@@ -24,6 +24,24 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.coordinator or args.num_processes is not None or args.process_id is not None:
+        overrides.append("distributed.enabled=true")
+    for key, value in (
+        ("coordinator_address", args.coordinator),
+        ("num_processes", args.num_processes),
+        ("process_id", args.process_id),
+    ):
+        if value is not None:
+            overrides.append(f"distributed.{key}={value}")
+    cfg = load_config(args.config, overrides)
+    from deepseek_jax.train.loop import train
+
+    train(cfg)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepseek-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("config", nargs="?", default="tiny", help="YAML path or name in configs/")
     info.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     info.set_defaults(func=_info)
+    train = sub.add_parser(
+        "train", help="train a model; metrics go to <train.run_dir>/metrics.jsonl"
+    )
+    train.add_argument("config", nargs="?", default="tiny", help="YAML path or name in configs/")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    train.add_argument("--coordinator", help="host:port of process 0 (multi-process runs)")
+    train.add_argument("--num-processes", type=int)
+    train.add_argument("--process-id", type=int)
+    train.set_defaults(func=_train)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -168,7 +168,7 @@ def state_specs(state: nnx.State, sharding: Sharding) -> nnx.State:
     def spec(v: nnx.Variable) -> nnx.Variable:
         axes = v.get_metadata().get("axes")
         if axes is None:
-            raise ShardingError(f"variable of shape {v[...].shape} has no logical axes")
+            raise ShardingError(f"variable of shape {v.get_value().shape} has no logical axes")
         return v.replace(sharding.spec(axes))
 
     return jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))

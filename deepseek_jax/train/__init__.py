@@ -1,0 +1,1 @@
+"""Training: optimizer, losses, the jitted sharded train step, metrics and the loop."""

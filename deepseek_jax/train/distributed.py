@@ -1,0 +1,27 @@
+"""Joining several processes into one JAX runtime (`jax.distributed.initialize`)."""
+
+from __future__ import annotations
+
+import jax
+
+from deepseek_jax.config import DistributedConfig
+
+_initialized = False
+
+
+def initialize(cfg: DistributedConfig) -> None:
+    """Start the multi-process runtime once. Arguments left null are found by JAX from the
+    environment (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, SLURM, Cloud TPU).
+    Must run before anything touches a device."""
+    global _initialized
+    if not cfg.enabled or _initialized:
+        return
+    # Cross-process collectives between CPU devices need an implementation named; GPU and TPU
+    # backends ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address=cfg.coordinator_address,
+        num_processes=cfg.num_processes,
+        process_id=cfg.process_id,
+    )
+    _initialized = True
