@@ -29,14 +29,24 @@ _TENSOR = {"heads": ("tensor",), "mlp": ("tensor",), "vocab": ("tensor",)}
 PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     # Pure data parallelism: every weight replicated.
     "dp": {"batch": _BATCH, **_TENSOR},
-    # ZeRO-3 style: every weight split along its model-width dimension over fsdp.
-    "fsdp": {"batch": _BATCH, "embed": ("fsdp",), "expert_embed": ("fsdp",), **_TENSOR},
+    # ZeRO-3 style: every weight split over fsdp along its model width (or, for MLA's
+    # up-projections, which have none, along the low rank).
+    "fsdp": {
+        "batch": _BATCH,
+        "embed": ("fsdp",),
+        "expert_embed": ("fsdp",),
+        "q_lora": ("fsdp",),
+        "kv_lora": ("fsdp",),
+        **_TENSOR,
+    },
     # Expert parallelism: routed experts split over expert; other weights over fsdp.
     "ep": {
         "batch": _BATCH,
         "experts": ("expert",),
         "embed": ("fsdp",),
         "expert_embed": ("fsdp",),
+        "q_lora": ("fsdp",),
+        "kv_lora": ("fsdp",),
         **_TENSOR,
     },
     # The expert axis also shards attention and dense weights FSDP-style (it holds a slice of
@@ -46,6 +56,8 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
         "experts": ("expert",),
         "embed": ("fsdp", "expert"),
         "expert_embed": ("fsdp",),
+        "q_lora": ("fsdp", "expert"),
+        "kv_lora": ("fsdp", "expert"),
         **_TENSOR,
     },
 }
@@ -94,6 +106,17 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     types = (AxisType.Auto,) * len(MESH_AXES)
     if cfg.dcn_data > 1:
         from jax.experimental import mesh_utils
+
+        granules = (
+            len({d.slice_index for d in devices})
+            if devices[0].platform == "tpu"
+            else len({d.process_index for d in devices})
+        )
+        if granules % cfg.dcn_data:
+            raise ShardingError(
+                f"mesh.dcn_data={cfg.dcn_data} needs the devices to come from a multiple of "
+                f"{cfg.dcn_data} slices/processes, found {granules}"
+            )
 
         ici = (sizes["data"] // cfg.dcn_data,) + shape[1:]
         dcn = (cfg.dcn_data,) + (1,) * (len(shape) - 1)

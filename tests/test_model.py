@@ -486,6 +486,7 @@ def test_yarn_inv_frequencies_v3():
 # Logical axis names and dtypes.
 
 ALLOWED_AXES = {
+    None,  # a dimension that is never sharded
     "embed",
     "expert_embed",
     "heads",

@@ -32,13 +32,15 @@ class MLA(nnx.Module):
         if m.q_lora_rank is None:
             self.wq_DHK = param(rngs, (d, h, qk), ("embed", "heads", "head_dim"), cfg)
         else:
-            self.wq_a_DQ = param(rngs, (d, m.q_lora_rank), ("embed", "q_lora"), cfg)
+            # The down-projections shard along D; their low-rank side stays whole (None), so the
+            # up-projections can shard along the rank without two axes meeting on one mesh axis.
+            self.wq_a_DQ = param(rngs, (d, m.q_lora_rank), ("embed", None), cfg)
             self.q_norm = RMSNorm(m.q_lora_rank, cfg, axis="q_lora")
             self.wq_b_QHK = param(
                 rngs, (m.q_lora_rank, h, qk), ("q_lora", "heads", "head_dim"), cfg
             )
         # kv_a_proj_with_mqa split in two: the latent rows and the shared RoPE-key rows.
-        self.wkv_a_DR = param(rngs, (d, m.kv_lora_rank), ("embed", "kv_lora"), cfg)
+        self.wkv_a_DR = param(rngs, (d, m.kv_lora_rank), ("embed", None), cfg)
         self.wk_rope_DK = param(rngs, (d, m.qk_rope_head_dim), ("embed", "head_dim"), cfg)
         self.kv_norm = RMSNorm(m.kv_lora_rank, cfg, axis="kv_lora")
         # kv_b_proj split per head into W_UK (keys) and W_UV (values).

@@ -27,7 +27,7 @@ class MTPModule(nnx.Module):
         self.emb_norm = RMSNorm(d, cfg)
         self.hidden_norm = RMSNorm(d, cfg)
         # eh_proj [d, 2d] in the checkpoint; rows of ours: [embedding half; hidden half].
-        self.proj_2DD = param(rngs, (2 * d, d), ("mlp", "embed"), cfg)
+        self.proj_2DD = param(rngs, (2 * d, d), (None, "embed"), cfg)
         self.block = Block(cfg, kind, rngs)
         self.head_norm = RMSNorm(d, cfg)
 
