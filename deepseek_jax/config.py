@@ -307,12 +307,32 @@ class TrainConfig:
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)²), 0 disables
     log_every: int = 1
     run_dir: str = "runs/default"
+    # Orbax checkpoints under <run_dir>/checkpoints: every N steps (and at the end and on
+    # SIGTERM), keeping the last K. A run directory holding checkpoints is resumed.
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    resume: bool = True
+    # Held-out loss every N steps over this many batches (0 disables).
+    eval_every: int = 50
+    eval_batches: int = 4
+    progress_bar: bool = True
+    tensorboard: bool = True
     # Peak FLOP/s of one device for MFU; null measures a large matmul at start-up.
     peak_flops_per_device: float | None = None
 
     def __post_init__(self):
         p = "train"
-        for name in ("steps", "batch_size", "seq_len", "micro_batches", "log_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "micro_batches",
+            "log_every",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "eval_batches",
+        ):
             _require(getattr(self, name) >= 1, f"{p}.{name}={getattr(self, name)} must be >= 1")
         _require(
             self.batch_size % self.micro_batches == 0,
@@ -325,6 +345,7 @@ class TrainConfig:
             f"{p}.min_learning_rate={self.min_learning_rate} must be in [0, learning_rate]",
         )
         _require(self.warmup_steps >= 0, f"{p}.warmup_steps must be >= 0")
+        _require(self.eval_every >= 0, f"{p}.eval_every must be >= 0 (0 disables evaluation)")
         for name in ("mtp_lambda", "mtp_lambda_final", "balance_alpha", "bias_gamma", "z_loss"):
             _require(getattr(self, name) >= 0, f"{p}.{name}={getattr(self, name)} must be >= 0")
 
@@ -343,6 +364,56 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training text (`deepseek_jax.data`): documents -> tokens -> packed rows of train.seq_len."""
+
+    # synthetic: a learnable Markov stream, no files; stdlib: this Python's standard library
+    # .py files; text: the files under `path` that match `glob` (recursive), one document
+    # each; jsonl / parquet: one document per line / row, its text in `text_field`.
+    kind: Literal["synthetic", "stdlib", "text", "jsonl", "parquet"] = "synthetic"
+    path: str | None = None
+    glob: str = "*"
+    text_field: str = "text"
+    # "byte" (UTF-8 bytes after bos 0, eos 1, pad 2) or the path of a Hugging Face tokenizer.json.
+    tokenizer: str = "byte"
+    # Special ids for a tokenizer.json; null: from tokenizer_config.json beside it, or by name.
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+    eval_fraction: float = 0.01  # documents held out for evaluation, picked by a fixed hash
+    shuffle: bool = True
+    seed: int = 0
+    # False: packed documents cannot attend to each other (segment ids, per-document positions).
+    cross_document_attention: bool = False
+    num_workers: int = 0  # tokenizing worker processes (Grain mp_prefetch); 0: in-process
+    read_threads: int = 4  # threads reading and tokenizing documents in each process
+    prefetch_buffer_size: int = 64  # documents read ahead in each process
+
+    def __post_init__(self):
+        p = "data"
+        _require(
+            self.kind in ("synthetic", "stdlib") or bool(self.path),
+            f"{p}.path is required for {p}.kind={self.kind} (a file or a folder)",
+        )
+        for name in ("glob", "text_field", "tokenizer"):
+            _require(bool(getattr(self, name)), f"{p}.{name} must not be empty")
+        for name in ("bos_id", "eos_id", "pad_id"):
+            tok = getattr(self, name)
+            _require(tok is None or tok >= 0, f"{p}.{name}={tok} must be >= 0 or null")
+        _require(
+            0.0 <= self.eval_fraction < 1.0,
+            f"{p}.eval_fraction={self.eval_fraction} must be in [0, 1)",
+        )
+        _require(0 <= self.seed < 2**32, f"{p}.seed={self.seed} must be in [0, 2**32)")
+        for name in ("num_workers", "read_threads"):
+            _require(getattr(self, name) >= 0, f"{p}.{name}={getattr(self, name)} must be >= 0")
+        _require(
+            self.prefetch_buffer_size >= 1,
+            f"{p}.prefetch_buffer_size={self.prefetch_buffer_size} must be >= 1",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Root config: the model, the device mesh, training and multi-process settings."""
 
@@ -350,6 +421,7 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
     distributed: DistributedConfig = DistributedConfig()
+    data: DataConfig = DataConfig()
 
     def __post_init__(self):
         mb = self.train.batch_size // self.train.micro_batches
@@ -735,6 +807,7 @@ _PREFIX = {
     MeshConfig: "mesh",
     TrainConfig: "train",
     DistributedConfig: "distributed",
+    DataConfig: "data",
     ModelConfig: "model",
     MLAConfig: "model.mla",
     MoEConfig: "model.moe",

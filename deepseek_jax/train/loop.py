@@ -1,21 +1,31 @@
-"""The training loop behind `deepseek-jax train`: mesh, state, batches, step, metrics.jsonl."""
+"""The training loop behind `deepseek-jax train`.
+
+Mesh and train state (fresh, or restored from the run directory's latest checkpoint onto the
+current mesh), per-process data, the jitted step, held-out evaluation, metrics to
+`metrics.jsonl` and TensorBoard, a progress bar, asynchronous Orbax checkpoints, and a final
+checkpoint on SIGTERM.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
+import signal
 import time
+from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
 
 from deepseek_jax import sharding
+from deepseek_jax.checkpoint import Checkpointer, abstract_like
 from deepseek_jax.config import Config, to_dict
 from deepseek_jax.train import distributed
 from deepseek_jax.train.flops import measure_peak_flops, train_flops_per_token
 from deepseek_jax.train.step import Trainer
-from deepseek_jax.train.synthetic import MarkovTokens
+from deepseek_jax.train.synthetic import MarkovTokens, SyntheticIterator
 
 
 def process_rows(batch_sharding, global_rows: int, seq_len: int) -> tuple[int, int]:
@@ -29,15 +39,54 @@ def process_rows(batch_sharding, global_rows: int, seq_len: int) -> tuple[int, i
     return start, stop
 
 
-def global_batch(source: MarkovTokens, step: int, batch_sharding, global_rows: int) -> dict:
-    """Build only this process's rows and assemble the global, sharded batch arrays."""
-    start, stop = process_rows(batch_sharding, global_rows, source.seq_len)
-    local = source.rows(step, start, stop)
-    shape = (global_rows, source.seq_len)
+def to_global(local: dict[str, np.ndarray], batch_sharding, global_rows: int) -> dict:
+    """Assemble the sharded global batch from this process's rows."""
     return {
-        k: jax.make_array_from_process_local_data(batch_sharding, v, shape)
+        k: jax.make_array_from_process_local_data(batch_sharding, v, (global_rows,) + v.shape[1:])
         for k, v in local.items()
     }
+
+
+def data_iterators(cfg: Config, rows: tuple[int, int]) -> tuple[Iterator, Callable[[], Iterator]]:
+    """This process's training iterator and a factory of fresh held-out iterators."""
+    tc = cfg.train
+    start, stop = rows
+    train_source = MarkovTokens(cfg.model.vocab_size, tc.seq_len, tc.seed)
+    # Held out: walks drawn with another seed on the same graph.
+    eval_source = MarkovTokens(cfg.model.vocab_size, tc.seq_len, tc.seed)
+    eval_source.seed = tc.seed + 1_000_003
+    return (
+        SyntheticIterator(train_source, start, stop),
+        lambda: SyntheticIterator(eval_source, start, stop),
+    )
+
+
+class _Stop:
+    """Turns SIGTERM into a flag the loop checks between steps (and agrees on across hosts)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread: no handler, no graceful stop
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.array(self.requested))
+        return bool(np.any(flags))
 
 
 def _scalarize(metrics: dict) -> dict:
@@ -48,54 +97,141 @@ def _scalarize(metrics: dict) -> dict:
     return out
 
 
-def train(cfg: Config, log=print) -> list[dict]:
-    """Run cfg.train.steps steps; returns the logged metrics (also in run_dir/metrics.jsonl)."""
+def _keep_lines_up_to(path: str, step: int) -> None:
+    """On resume, drop metrics logged after the checkpoint (those steps run again)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def evaluate(trainer: Trainer, state, make_iter, n_batches: int, global_rows: int) -> float:
+    """Mean next-token loss over `n_batches` fresh held-out batches."""
+    eval_fn = trainer.jitted_eval_step()
+    it = make_iter()
+    total, count = 0.0, 0.0
+    for _ in range(n_batches):
+        out = jax.device_get(
+            eval_fn(state, to_global(next(it), trainer.batch_sharding, global_rows))
+        )
+        total, count = total + float(out["lm"]), count + float(out["tokens"])
+    return total / max(count, 1.0)
+
+
+def train(cfg: Config, log: Callable[[str], None] | None = None) -> list[dict]:
+    """Run (or resume) training up to cfg.train.steps; returns the metrics logged by this call
+    (also appended to <run_dir>/metrics.jsonl)."""
     distributed.initialize(cfg.distributed)
     tc = cfg.train
     mesh = sharding.make_mesh(cfg.mesh)
-    sh = sharding.Sharding(mesh, sharding.rules_for(cfg.mesh.rules))
-    trainer = Trainer.create(cfg, sh)
-    state = trainer.init()
-    step_fn = trainer.jitted_step()
-    source = MarkovTokens(cfg.model.vocab_size, tc.seq_len, tc.seed)
-
-    n_devices = jax.device_count()
-    peak = tc.peak_flops_per_device or measure_peak_flops(cfg.model.compute_dtype)
-    flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
+    trainer = Trainer.create(cfg, sharding.Sharding(mesh, sharding.rules_for(cfg.mesh.rules)))
+    rows = process_rows(trainer.batch_sharding, tc.batch_size, tc.seq_len)
+    train_iter, make_eval_iter = data_iterators(cfg, rows)
     is_main = jax.process_index() == 0
+    log = log or (lambda msg: tqdm.tqdm.write(msg) if is_main else None)
+
+    ckpt = Checkpointer(
+        os.path.join(tc.run_dir, "checkpoints"),
+        every=tc.checkpoint_every,
+        keep=tc.keep_checkpoints,
+        async_save=tc.async_checkpointing,
+    )
+    metrics_path = os.path.join(tc.run_dir, "metrics.jsonl")
+    if tc.resume and ckpt.latest_step() is not None:
+        abstract = abstract_like(trainer.state_shardings, jax.eval_shape(trainer.init))
+        state = ckpt.restore(abstract, cfg, train_iter)
+        start = int(jax.device_get(state.step))
+        log(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
+    else:
+        state, start = trainer.init(), 0
     if is_main:
         os.makedirs(tc.run_dir, exist_ok=True)
         with open(os.path.join(tc.run_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=1)
-    metrics_path = os.path.join(tc.run_dir, "metrics.jsonl")
-    history = []
+        if start:
+            _keep_lines_up_to(metrics_path, start)
+        elif os.path.exists(metrics_path):
+            os.remove(metrics_path)
+
+    step_fn = trainer.jitted_step()
+    n_devices = jax.device_count()
+    peak = tc.peak_flops_per_device or measure_peak_flops(cfg.model.compute_dtype)
+    flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
     log(
-        f"training {tc.steps} steps on {n_devices} device(s), mesh {dict(mesh.shape)}, "
+        f"training steps {start}..{tc.steps} on {n_devices} device(s), mesh {dict(mesh.shape)}, "
         f"rules {cfg.mesh.rules}; {flops_per_token / 1e6:.1f} MFLOP/token"
     )
-    with open(metrics_path, "w") if is_main else open(os.devnull, "w") as out:
-        last, last_step = time.perf_counter(), 0
-        for step in range(tc.steps):
-            batch = global_batch(source, step, trainer.batch_sharding, tc.batch_size)
+    writer = None
+    if is_main and tc.tensorboard:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(tc.run_dir, "tensorboard"))
+
+    history: list[dict] = []
+    step = start
+    bar = tqdm.tqdm(
+        total=tc.steps, initial=start, disable=not (is_main and tc.progress_bar), mininterval=1
+    )
+    with _Stop() as stop, open(metrics_path, "a") if is_main else open(os.devnull, "w") as out:
+        last, last_step = time.perf_counter(), start
+        while step < tc.steps:
+            batch = to_global(next(train_iter), trainer.batch_sharding, tc.batch_size)
             state, metrics = step_fn(state, batch)
-            if (step + 1) % tc.log_every and step + 1 != tc.steps:
-                continue
-            m = _scalarize(jax.device_get(metrics))
-            now = time.perf_counter()
-            # Time since the last log line, so the first one includes compilation.
-            seconds, steps_done = now - last, step + 1 - last_step
-            last, last_step = now, step + 1
-            m["tokens_per_sec"] = m["tokens"] * steps_done / seconds
-            m["mfu"] = m["tokens_per_sec"] * flops_per_token / (peak * n_devices)
-            m["step"] = step + 1
-            m["seconds"] = seconds
-            history.append(m)
-            out.write(json.dumps(m) + "\n")
-            out.flush()
-            log(
-                f"step {step + 1:>5} loss {m['loss']:.4f} lm {m['lm_loss']:.4f} "
-                f"mtp {[round(x, 4) for x in m['mtp_loss']]} grad_norm {m['grad_norm']:.3f} "
-                f"lr {m['learning_rate']:.2e} tok/s {m['tokens_per_sec']:.0f} mfu {m['mfu']:.2%}"
-            )
-    sys.stdout.flush()
+            step += 1
+            bar.update(1)
+            stopping = stop.agreed()
+            if step % tc.log_every == 0 or step == tc.steps or stopping:
+                m = _scalarize(jax.device_get(metrics))
+                now = time.perf_counter()
+                # Time since the previous log line, so the first one includes compilation.
+                seconds, steps_done = now - last, step - last_step
+                last, last_step = now, step
+                m["tokens_per_sec"] = m["tokens"] * steps_done / seconds
+                m["mfu"] = m["tokens_per_sec"] * flops_per_token / (peak * n_devices)
+                m["step"], m["seconds"] = step, seconds
+                if tc.eval_every and step % tc.eval_every == 0:
+                    m["eval_loss"] = evaluate(
+                        trainer, state, make_eval_iter, tc.eval_batches, tc.batch_size
+                    )
+                history.append(m)
+                out.write(json.dumps(m) + "\n")
+                out.flush()
+                bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{m['tokens_per_sec']:.0f}")
+                if writer is not None:
+                    _tensorboard(writer, m)
+                log(_line(m))
+            ckpt.save(step, state, cfg, train_iter, force=stopping or step == tc.steps)
+            if stopping:
+                log(f"SIGTERM: saved a checkpoint at step {step}, stopping")
+                break
+    bar.close()
+    ckpt.close()
+    if writer is not None:
+        writer.close()
     return history
+
+
+def _line(m: dict) -> str:
+    text = (
+        f"step {m['step']:>6} loss {m['loss']:.4f} lm {m['lm_loss']:.4f} "
+        f"mtp {[round(x, 4) for x in m['mtp_loss']]} grad_norm {m['grad_norm']:.3f} "
+        f"lr {m['learning_rate']:.2e} tok/s {m['tokens_per_sec']:.0f} mfu {m['mfu']:.2%}"
+    )
+    if "eval_loss" in m:
+        text += f" eval {m['eval_loss']:.4f}"
+    return text
+
+
+def _tensorboard(writer, m: dict) -> None:
+    step = m["step"]
+    for key in ("loss", "lm_loss", "balance_loss", "grad_norm", "learning_rate", "eval_loss"):
+        if key in m:
+            writer.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss", m[key], step)
+    writer.add_scalar("perf/tokens_per_sec", m["tokens_per_sec"], step)
+    writer.add_scalar("perf/mfu", m["mfu"], step)
+    for k, value in enumerate(m["mtp_loss"], start=1):
+        writer.add_scalar(f"train/mtp_loss_depth{k}", value, step)
+    for layer, value in enumerate(m["load_imbalance"]):
+        writer.add_scalar(f"moe/load_imbalance_layer{layer}", value, step)

@@ -68,6 +68,7 @@ class Trainer:
     state_shardings: Any = None
     batch_sharding: Any = None
     _step_fn: Callable | None = None
+    _eval_fn: Callable | None = None
 
     @classmethod
     def create(cls, cfg: Config, mesh_sharding: sharding.Sharding | None) -> Trainer:
@@ -161,7 +162,10 @@ class Trainer:
         def objective(params, mb):
             model = nnx.merge(self.graphdef, params, state.router_bias)
             out = model.forward(
-                mb["tokens"], segment_ids_bt=mb.get("segment_ids"), with_mtp=depth > 0
+                mb["tokens"],
+                positions_bt=mb.get("positions"),
+                segment_ids_bt=mb.get("segment_ids"),
+                with_mtp=depth > 0,
             )
             sums = loss_sums(out, mb, depth)
             balance = out.balance_loss if out.balance_loss is not None else jnp.zeros((0,))
@@ -237,6 +241,29 @@ class Trainer:
             step=state.step + 1, params=params, router_bias=router_bias, opt_state=opt_state
         )
         return new_state, metrics
+
+    def eval_step(self, state: TrainState, batch: Batch) -> dict:
+        """Held-out next-token loss of the main model: masked CE sum and token count."""
+        with sharding.use(self.mesh_sharding):
+            model = self.model(state)
+            out = model.forward(
+                batch["tokens"],
+                positions_bt=batch.get("positions"),
+                segment_ids_bt=batch.get("segment_ids"),
+                with_mtp=False,
+            )
+            sums = loss_sums(out, batch, 0)
+        return {"lm": sums["lm"], "tokens": sums["tokens"]}
+
+    def jitted_eval_step(self) -> Callable[[TrainState, Batch], dict]:
+        if self._eval_fn is None:
+            if self.mesh_sharding is None:
+                self._eval_fn = jax.jit(self.eval_step)
+            else:
+                self._eval_fn = jax.jit(
+                    self.eval_step, in_shardings=(self.state_shardings, self.batch_sharding)
+                )
+        return self._eval_fn
 
     def jitted_step(self) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
         """The step under one `jax.jit`, explicit in/out shardings, the input state donated."""
