@@ -22,10 +22,10 @@ from jax.experimental import multihost_utils
 from deepseek_jax import sharding
 from deepseek_jax.checkpoint import Checkpointer, abstract_like
 from deepseek_jax.config import Config, to_dict
+from deepseek_jax.data import make_iterator
 from deepseek_jax.train import distributed
 from deepseek_jax.train.flops import measure_peak_flops, train_flops_per_token
 from deepseek_jax.train.step import Trainer
-from deepseek_jax.train.synthetic import MarkovTokens, SyntheticIterator
 
 
 def process_rows(batch_sharding, global_rows: int, seq_len: int) -> tuple[int, int]:
@@ -48,17 +48,25 @@ def to_global(local: dict[str, np.ndarray], batch_sharding, global_rows: int) ->
 
 
 def data_iterators(cfg: Config, rows: tuple[int, int]) -> tuple[Iterator, Callable[[], Iterator]]:
-    """This process's training iterator and a factory of fresh held-out iterators."""
-    tc = cfg.train
+    """This process's training iterator and a factory of fresh held-out iterators.
+
+    Process i of n reads only its share of the documents and yields the batch rows its devices
+    hold, rows [i·B/n, (i+1)·B/n) of the global batch.
+    """
     start, stop = rows
-    train_source = MarkovTokens(cfg.model.vocab_size, tc.seq_len, tc.seed)
-    # Held out: walks drawn with another seed on the same graph.
-    eval_source = MarkovTokens(cfg.model.vocab_size, tc.seq_len, tc.seed)
-    eval_source.seed = tc.seed + 1_000_003
-    return (
-        SyntheticIterator(train_source, start, stop),
-        lambda: SyntheticIterator(eval_source, start, stop),
-    )
+    index, count = jax.process_index(), jax.process_count()
+    if (stop - start) * count != cfg.train.batch_size or start != index * (stop - start):
+        raise ValueError(
+            f"process {index} of {count} holds batch rows [{start}, {stop}); the data pipeline "
+            "expects each process to hold an equal, ordered share"
+        )
+
+    def make(split: str) -> Iterator:
+        return make_iterator(
+            cfg.data, cfg.train.seq_len, stop - start, index, count, split, model=cfg.model
+        )
+
+    return make("train"), lambda: make("eval")
 
 
 class _Stop:

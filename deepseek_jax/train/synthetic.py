@@ -9,8 +9,6 @@ this as the default data source.)
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 
@@ -36,28 +34,3 @@ class MarkovTokens:
             "targets": seqs[:, 1:],
             "loss_mask": np.ones((stop - start, self.seq_len), np.float32),
         }
-
-
-class SyntheticIterator:
-    """Iterates `MarkovTokens` batches of rows [start, stop) from a given step on; its state
-    (the next step) saves and restores through Grain's Orbax checkpoint handler."""
-
-    def __init__(self, source: MarkovTokens, start: int, stop: int, step: int = 0):
-        self.source, self.start, self.stop, self.step = source, start, stop, step
-
-    def __iter__(self) -> SyntheticIterator:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.source.rows(self.step, self.start, self.stop)
-        self.step += 1
-        return batch
-
-    def get_state(self) -> bytes:
-        return json.dumps({"step": self.step}).encode()
-
-    def set_state(self, state: bytes) -> None:
-        self.step = int(json.loads(state)["step"])
-
-    def start_prefetch(self) -> None:
-        """Nothing to prefetch: rows are computed on demand (Grain's handler calls this)."""

@@ -1,0 +1,213 @@
+"""The Grain input pipeline: documents -> shuffled, sharded, tokenized, packed, batched rows.
+
+    it = make_iterator(cfg.data, seq_len, rows_per_process, jax.process_index(),
+                       jax.process_count(), split="train", model=cfg.model)
+    batch = next(it)   # tokens, targets, segment_ids, positions: int32 [B, T]; loss_mask: f32
+
+Stages, for a document source (`data.kind` stdlib / text / jsonl / parquet):
+1. Split: the `ceil(eval_fraction * n)` documents with the smallest fixed hash of their index are
+   the eval split, the rest train (independent of the seed, the process count and the workers).
+2. Shard: process i of n keeps the split's documents i, i+n, i+2n, ... (disjoint, covering).
+3. Shuffle (train, `data.shuffle`) with `data.seed`, then repeat for `num_epochs` (None: without
+   end); Grain folds the epoch into the seed, so every epoch has its own deterministic order.
+4. Tokenize, append EOS; in `data.num_workers` processes when > 0 (Grain `mp_prefetch`). Workers
+   take documents round-robin and their outputs are interleaved back in order, so the stream is
+   the same for any number of workers. Packing runs after, in this process (`packing.py`).
+5. Batch `batch_size` rows; the last batch of a finite stream is filled with padding rows.
+
+kind=synthetic wraps `train.synthetic.MarkovTokens` (rows [i*B, (i+1)*B) of the global batch of
+each step; the eval split uses steps from 2**40 on) behind the same interface; it never ends
+(`num_epochs` does not apply).
+
+Worker processes are spawned, so a script that sets `data.num_workers > 0` needs the usual
+`if __name__ == "__main__":` guard, and should `close()` the iterator when done.
+
+The iterator is a `grain.DatasetIterator`: `get_state()` / `set_state()` give JSON-able dicts,
+and restoring a state continues with bitwise the same batches (see `state.py` for Orbax).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import grain
+import numpy as np
+from absl import flags
+
+from deepseek_jax.config import DataConfig, ModelConfig
+from deepseek_jax.data.packing import PackedRows, StackRows, pack_documents
+from deepseek_jax.data.sources import make_source
+from deepseek_jax.data.tokenizer import Tokenizer, make_tokenizer
+from deepseek_jax.train.synthetic import MarkovTokens
+
+Split = Literal["train", "eval"]
+_SYNTHETIC_EVAL_OFFSET = 2**40
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A fixed 64-bit mixing hash, so the eval split never depends on the Python build."""
+    x = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def split_indices(n_docs: int, eval_fraction: float, split: Split) -> np.ndarray:
+    """Sorted document indices of `split`: eval is the ceil(fraction * n) smallest hashes."""
+    n_eval = math.ceil(eval_fraction * n_docs) if eval_fraction > 0 else 0
+    if n_eval >= n_docs:
+        raise ValueError(
+            f"data.eval_fraction={eval_fraction} holds out {n_eval} of {n_docs} documents, "
+            "leaving none to train on"
+        )
+    order = np.argsort(_splitmix64(np.arange(n_docs)), kind="stable")
+    picked = order[:n_eval] if split == "eval" else order[n_eval:]
+    return np.sort(picked)
+
+
+def shard_indices(indices: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
+    """This process's documents: every `process_count`-th one from `process_index` on."""
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    return indices[process_index::process_count]
+
+
+class _Documents:
+    """The documents of `source` at `indices`, as a random-access data source."""
+
+    def __init__(self, source, indices: np.ndarray):
+        self.source, self.indices = source, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> str:
+        return self.source[int(self.indices[i])]
+
+
+class _Tokenize:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.eos = np.asarray([tokenizer.eos_id], np.int32)
+
+    def __call__(self, text: str) -> dict[str, np.ndarray]:
+        return {"tokens": np.concatenate([self.tokenizer.encode_array(text), self.eos])}
+
+
+class _SyntheticBatch:
+    def __init__(self, markov: MarkovTokens, start: int, stop: int, step_offset: int):
+        self.markov, self.start, self.stop, self.step_offset = markov, start, stop, step_offset
+
+    def __call__(self, step: int) -> dict[str, np.ndarray]:
+        batch = self.markov.rows(self.step_offset + int(step), self.start, self.stop)
+        shape = batch["tokens"].shape
+        batch["segment_ids"] = np.ones(shape, np.int32)
+        batch["positions"] = np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy()
+        return batch
+
+
+def _prefetch(ds: grain.IterDataset, data: DataConfig) -> grain.IterDataset:
+    if data.num_workers == 0:
+        return ds
+    # grain 0.2.18 reads an absl flag when it starts workers (with jax's profiler present) and
+    # fails unless absl parsed its flags, which only absl.app programs do: take the defaults.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    options = grain.MultiprocessingOptions(
+        num_workers=data.num_workers, per_worker_buffer_size=data.prefetch_buffer_size
+    )
+    return ds.mp_prefetch(options)
+
+
+def make_dataset(
+    data: DataConfig,
+    seq_len: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    split: Split = "train",
+    *,
+    model: ModelConfig | None = None,
+    tokenizer: Tokenizer | None = None,
+    source=None,
+    num_epochs: int | None = None,
+) -> grain.IterDataset:
+    """The pipeline as a `grain.IterDataset` of batches; `make_iterator` iterates it.
+
+    `model` checks the tokenizer (and gives kind=synthetic its vocabulary); `tokenizer` and
+    `source` replace the ones `data` names; `num_epochs=None` repeats the split without end.
+    """
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError(f"seq_len={seq_len} and batch_size={batch_size} must be >= 1")
+    if split not in ("train", "eval"):
+        raise ValueError(f"split={split!r} is not 'train' or 'eval'")
+    if data.kind == "synthetic":
+        if model is None:
+            raise ValueError("data.kind=synthetic needs the model config (its vocabulary)")
+        markov = MarkovTokens(model.vocab_size, seq_len, data.seed)
+        start = process_index * batch_size
+        offset = 0 if split == "train" else _SYNTHETIC_EVAL_OFFSET
+        ds = grain.MapDataset.range(2**62).map(
+            _SyntheticBatch(markov, start, start + batch_size, offset)
+        )
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+        return _prefetch(ds, data)
+
+    tokenizer = tokenizer or make_tokenizer(data, model)
+    source = make_source(data) if source is None else source
+    indices = split_indices(len(source), data.eval_fraction, split)
+    if len(indices) == 0:
+        raise ValueError(f"data.eval_fraction={data.eval_fraction} holds out no documents")
+    indices = shard_indices(indices, process_index, process_count)
+    if len(indices) == 0:
+        raise ValueError(
+            f"process {process_index} of {process_count} has no {split} documents "
+            f"({source!r}); use more data or a larger data.eval_fraction"
+        )
+    ds = grain.MapDataset.source(_Documents(source, indices))
+    if split == "train" and data.shuffle:
+        ds = ds.shuffle(seed=data.seed)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    ds = ds.map(_Tokenize(tokenizer))
+    read = grain.ReadOptions(
+        num_threads=data.read_threads, prefetch_buffer_size=data.prefetch_buffer_size
+    )
+    ds = _prefetch(ds.to_iter_dataset(read), data)
+    ds = pack_documents(ds, seq_len + 1)
+    ds = ds.map(PackedRows(tokenizer.pad_id, data.cross_document_attention))
+    return ds.batch(batch_size, batch_fn=StackRows(batch_size, seq_len, tokenizer.pad_id))
+
+
+def make_iterator(
+    data: DataConfig,
+    seq_len: int,
+    batch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    split: Split = "train",
+    *,
+    model: ModelConfig | None = None,
+    tokenizer: Tokenizer | None = None,
+    source=None,
+    num_epochs: int | None = None,
+) -> grain.DatasetIterator:
+    """An iterator of this process's batches: dicts of numpy arrays of `batch_size` rows.
+
+    Keys: tokens, targets, segment_ids, positions (int32 [B, seq_len]), loss_mask (float32).
+    Call `.close()` when done if `data.num_workers > 0` (it stops the worker processes).
+    """
+    ds = make_dataset(
+        data,
+        seq_len,
+        batch_size,
+        process_index,
+        process_count,
+        split,
+        model=model,
+        tokenizer=tokenizer,
+        source=source,
+        num_epochs=num_epochs,
+    )
+    return iter(ds)
