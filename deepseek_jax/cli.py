@@ -42,6 +42,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    from deepseek_jax.plots import plot_command
+
+    return plot_command(args.run_dir, args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepseek-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--num-processes", type=int)
     train.add_argument("--process-id", type=int)
     train.set_defaults(func=_train)
+    plot = sub.add_parser("plot", help="write PNG plots of <RUN_DIR>/metrics.jsonl")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (train.run_dir)")
+    plot.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: RUN_DIR)")
+    plot.set_defaults(func=_plot)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
