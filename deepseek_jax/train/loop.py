@@ -210,7 +210,9 @@ def train(cfg: Config, log: Callable[[str], None] | None = None) -> list[dict]:
                 if writer is not None:
                     _tensorboard(writer, m)
                 log(_line(m))
-            ckpt.save(step, state, cfg, train_iter, force=stopping or step == tc.steps)
+            if step % tc.checkpoint_every == 0 or step == tc.steps or stopping:
+                # Decided here rather than by Orbax, which would also save the first step.
+                ckpt.save(step, state, cfg, train_iter, force=True)
             if stopping:
                 log(f"SIGTERM: saved a checkpoint at step {step}, stopping")
                 break

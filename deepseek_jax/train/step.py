@@ -211,7 +211,7 @@ class Trainer:
     def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         tc = self.cfg.train
         obj, aux, grads = self.loss_and_grads(state, batch)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         router_bias = update_router_bias(state.router_bias, aux["load"], tc.bias_gamma)

@@ -1,0 +1,176 @@
+"""Checkpoints and resume: exact continuation, resharding, SIGTERM and SIGKILL during a save."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from deepseek_jax import sharding
+from deepseek_jax.checkpoint import Checkpointer, CheckpointMismatch, abstract_like
+from deepseek_jax.config import load_config
+from deepseek_jax.train.loop import train
+from deepseek_jax.train.step import Trainer
+
+SMALL = [
+    "data.kind=stdlib",
+    "train.batch_size=8",
+    "train.seq_len=32",
+    "train.peak_flops_per_device=1e11",
+    "train.progress_bar=false",
+    "train.tensorboard=false",
+    "train.eval_every=0",
+    "model.compute_dtype=float32",
+]
+
+
+def _run(run_dir, steps, *extra):
+    cfg = load_config("tiny", [*SMALL, f"train.run_dir={run_dir}", f"train.steps={steps}", *extra])
+    return train(cfg, log=lambda _: None)
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [(m["step"], m["loss"], m["grad_norm"]) for m in map(json.loads, f)]
+
+
+def test_exact_resume_is_bitwise(tmp_path):
+    """20 steps in one run == 10 steps, restart, 10 more: identical losses at every step."""
+    mesh = ["mesh.data=2", "mesh.expert=4", "mesh.fsdp=1", "train.checkpoint_every=5"]
+    _run(tmp_path / "straight", 20, *mesh)
+    _run(tmp_path / "split", 10, *mesh)
+    assert Checkpointer(str(tmp_path / "split" / "checkpoints"), 5, 3).latest_step() == 10
+    resumed = _run(tmp_path / "split", 20, *mesh)
+    assert [m["step"] for m in resumed] == list(range(11, 21))
+    straight, split = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
+    assert len(straight) == len(split) == 20
+    assert straight == split  # bitwise: the same floats, not just close
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    """Save on (data=2, expert=4) with the ep rules; resume on (fsdp=8) with the fsdp rules."""
+    a = ["mesh.data=2", "mesh.expert=4", "mesh.fsdp=1", "train.checkpoint_every=3"]
+    straight = _run(tmp_path / "a", 4, *a)
+    _run(tmp_path / "b", 3, *a)
+    b = ["mesh.data=1", "mesh.fsdp=8", "mesh.rules=fsdp", "train.checkpoint_every=3"]
+    resumed = _run(tmp_path / "b", 4, *b)
+    assert resumed[0]["step"] == 4
+    # Different meshes sum in different orders: equal within fp32 rounding, not bitwise.
+    assert resumed[0]["loss"] == pytest.approx(straight[-1]["loss"], abs=1e-5)
+    assert resumed[0]["grad_norm"] == pytest.approx(straight[-1]["grad_norm"], rel=1e-4)
+
+
+def test_restore_refuses_another_model(tmp_path):
+    cfg = load_config("tiny", [*SMALL, "mesh.fsdp=8"])
+    mesh = sharding.make_mesh(cfg.mesh)
+    trainer = Trainer.create(cfg, sharding.Sharding(mesh, sharding.rules_for(cfg.mesh.rules)))
+    ckpt = Checkpointer(str(tmp_path), every=1, keep=1)
+    ckpt.save(0, trainer.init(), cfg, force=True)
+    ckpt.wait()
+    other = load_config("tiny", [*SMALL, "mesh.fsdp=8", "model.moe.n_routed_experts=8"])
+    other_trainer = Trainer.create(other, trainer.mesh_sharding)
+    abstract = abstract_like(other_trainer.state_shardings, jax.eval_shape(other_trainer.init))
+    with pytest.raises(CheckpointMismatch, match="n_routed_experts"):
+        ckpt.restore(abstract, other)
+    # The refused restore left the checkpoint as it was.
+    assert ckpt.all_steps() == [0]
+    restored = ckpt.restore(abstract_like(trainer.state_shardings, abstract_shapes(trainer)), cfg)
+    assert int(restored.step) == 0
+
+
+def abstract_shapes(trainer):
+    return jax.eval_shape(trainer.init)
+
+
+# --- Processes killed or stopped --------------------------------------------------------------
+
+
+def _spawn(run_dir, steps, *extra):
+    env = dict(os.environ)
+    cmd = [sys.executable, "-m", "deepseek_jax.cli", "train", "tiny", *SMALL]
+    cmd += [f"train.run_dir={run_dir}", f"train.steps={steps}", "mesh.fsdp=8", *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _wait_for(predicate, timeout=240.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _logged_steps(run_dir) -> int:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return sum(1 for line in f if line.strip())
+
+
+@pytest.mark.slow
+def test_sigterm_leaves_a_checkpoint_at_the_current_step(tmp_path):
+    run = tmp_path / "run"
+    proc = _spawn(run, 1000, "train.checkpoint_every=1000")
+    try:
+        assert _wait_for(lambda: _logged_steps(run) >= 3), "training did not start"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out.decode()[-2000:]
+    last_logged = _logged_steps(run)
+    assert last_logged < 1000
+    assert Checkpointer(str(run / "checkpoints"), 1000, 3).all_steps() == [last_logged]
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    ckpt_dir = run / "checkpoints"
+    proc = _spawn(run, 1000, "train.checkpoint_every=1", "train.keep_checkpoints=1000")
+
+    def saving():
+        # Orbax writes a step into a temporary directory and renames it when complete.
+        if not ckpt_dir.exists():
+            return False
+        names = os.listdir(ckpt_dir)
+        in_progress = any(not n.isdigit() and "tmp" in n for n in names)
+        return in_progress and any(n.isdigit() for n in names)
+
+    try:
+        assert _wait_for(saving), "never saw a save in progress"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    partial = [n for n in os.listdir(ckpt_dir) if not n.isdigit()]
+    complete = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+    assert partial, "the kill did not land during a save"
+    assert complete
+
+    ckpt = Checkpointer(str(ckpt_dir), 1, 1000)
+    last = ckpt.latest_step()
+    assert last == max(complete)
+    # Every complete checkpoint is intact and restorable.
+    cfg = load_config("tiny", [*SMALL, "mesh.fsdp=8"])
+    mesh = sharding.make_mesh(cfg.mesh)
+    trainer = Trainer.create(cfg, sharding.Sharding(mesh, sharding.rules_for(cfg.mesh.rules)))
+    abstract = abstract_like(trainer.state_shardings, jax.eval_shape(trainer.init))
+    state = ckpt.restore(abstract, cfg)
+    assert int(state.step) == last
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    ckpt.close()
+
+    # A new run in the same directory resumes from that step and goes on.
+    resumed = _run(run, last + 2, "mesh.fsdp=8", "train.checkpoint_every=1")
+    assert [m["step"] for m in resumed] == [last + 1, last + 2]
+    assert not [n for n in os.listdir(ckpt_dir) if not n.isdigit()], "partial save left behind"
