@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: RUN_DIR)")
     plot.set_defaults(func=_plot)
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) and "=" in args.config:
+        # `deepseek-jax train key=value ...`: no config named, the default one with overrides.
+        args.overrides, args.config = [args.config, *args.overrides], "tiny"
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError) as e:
