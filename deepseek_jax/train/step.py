@@ -84,7 +84,7 @@ class Trainer:
             make_optimizer(cfg.train, param_axes),
         )
         if mesh_sharding is not None:
-            trainer.state_shardings = trainer._shardings()
+            trainer.state_shardings = trainer._shardings(nnx.to_pure_dict(params))
             trainer.batch_sharding = mesh_sharding.named(("batch", None))
         return trainer
 
@@ -94,10 +94,10 @@ class Trainer:
         sh = self.mesh_sharding
         return jax.tree.map(lambda a: sh.named(a), axes, is_leaf=_is_axes)
 
-    def _shardings(self) -> TrainState:
+    def _shardings(self, abstract_params: dict) -> TrainState:
         params = self._named(self.param_axes)
         replicated = NamedSharding(self.mesh_sharding.mesh, PartitionSpec())
-        abstract_opt = jax.eval_shape(self.tx.init, self._abstract_params())
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         opt = optax.tree_map_params(
             self.tx,
             lambda _, s: s,
@@ -109,10 +109,6 @@ class Trainer:
         return TrainState(
             step=replicated, params=params, router_bias=self._named(self.bias_axes), opt_state=opt
         )
-
-    def _abstract_params(self) -> dict:
-        abstract = nnx.eval_shape(lambda: DeepSeek(self.cfg.model, nnx.Rngs(0)))
-        return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
 
     # -- init -------------------------------------------------------------------------------
 
