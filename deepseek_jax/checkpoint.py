@@ -12,6 +12,7 @@ killed midway never shows up as a checkpoint and never touches the previous ones
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any
 
@@ -20,6 +21,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from deepseek_jax.config import Config, config_from_dict, to_dict
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointMismatch(ValueError):
@@ -92,9 +95,23 @@ class Checkpointer:
             )
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(_as_tree(abstract_state))}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            if self.has_data_state(step):
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            else:
+                log.warning(
+                    "checkpoint step %d has no data position for process %d of %d (saved with "
+                    "another process count): the data stream restarts from its beginning",
+                    step,
+                    jax.process_index(),
+                    jax.process_count(),
+                )
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return type(abstract_state)(**restored["state"])
+
+    def has_data_state(self, step: int) -> bool:
+        """Whether `step` holds this process's data position (same process count as saved)."""
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        return os.path.exists(os.path.join(self.directory, str(step), "data", name))
 
     def close(self) -> None:
         self.manager.wait_until_finished()
