@@ -7,6 +7,8 @@ from deepseek_jax.generate.cache import (
     init_cache,
 )
 from deepseek_jax.generate.decode import absorbed_attention, cached_step, forward_with_cache
+from deepseek_jax.generate.loop import generate
+from deepseek_jax.generate.sampling import filter_logits, sample
 
 __all__ = [
     "LatentCache",
@@ -14,6 +16,9 @@ __all__ = [
     "bytes_per_token",
     "cached_step",
     "expanded_bytes_per_token",
+    "filter_logits",
     "forward_with_cache",
+    "generate",
     "init_cache",
+    "sample",
 ]

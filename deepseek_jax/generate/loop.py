@@ -1,0 +1,139 @@
+"""Autoregressive generation over the latent KV cache: one prefill, then a jitted decode loop.
+
+Prompts are right-padded into one batch and prefilled together (each row's chunk length is its
+prompt length); the first new token of each row is sampled from the logits at its last real
+prompt token. The decode loop (`jax.lax.while_loop`, static shapes) then feeds one token per row
+and step; a row that has produced `eos_id` is done and feeds chunk length 0 from then on, so its
+cache and output stay as they are. The loop ends when every row is done or `max_new_tokens`
+tokens have been produced.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_jax.generate.cache import init_cache
+from deepseek_jax.generate.decode import forward_with_cache
+from deepseek_jax.generate.sampling import sample
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "graphdef",
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eos_id",
+        "cache_dtype",
+    ),
+)
+def _generate_jit(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompts_bt: jax.Array,
+    prompt_lengths_b: jax.Array,
+    key: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    eos_id: int | None,
+    cache_dtype,
+) -> tuple[jax.Array, jax.Array]:
+    """(new tokens [B, max_new_tokens] int32, number produced per row [B] int32)."""
+    model = nnx.merge(graphdef, state)
+    b, p = prompts_bt.shape
+    cache = init_cache(model.cfg, b, p + max_new_tokens, cache_dtype)
+    pick = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def is_eos(tokens_b):
+        if eos_id is None:
+            return jnp.zeros(tokens_b.shape, bool)
+        return tokens_b == eos_id
+
+    logits_btv, cache = forward_with_cache(model, prompts_bt, cache, prompt_lengths_b)
+    last_b = jnp.clip(prompt_lengths_b - 1, 0, p - 1)
+    first_b = pick(logits_btv[jnp.arange(b), last_b], jax.random.fold_in(key, 0))
+    out_bn = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first_b)
+    carry = (
+        jnp.int32(1),  # tokens produced so far by rows still running (= next output column)
+        cache,
+        first_b,
+        out_bn,
+        is_eos(first_b),
+        jnp.ones((b,), jnp.int32),
+    )
+
+    def cond(carry):
+        i, _, _, _, done_b, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done_b)
+
+    def body(carry):
+        i, cache, tokens_b, out_bn, done_b, counts_b = carry
+        running_b = ~done_b
+        m = nnx.merge(graphdef, state)
+        logits_btv, cache = forward_with_cache(
+            m, tokens_b[:, None], cache, running_b.astype(jnp.int32)
+        )
+        new_b = pick(logits_btv[:, 0], jax.random.fold_in(key, i))
+        new_b = jnp.where(running_b, new_b, tokens_b)
+        column_b = jnp.where(running_b, new_b, out_bn[:, i])
+        out_bn = jax.lax.dynamic_update_slice_in_dim(out_bn, column_b[:, None], i, axis=1)
+        counts_b = counts_b + running_b.astype(jnp.int32)
+        done_b = done_b | (running_b & is_eos(new_b))
+        return i + 1, cache, new_b, out_bn, done_b, counts_b
+
+    _, _, _, out_bn, _, counts_b = jax.lax.while_loop(cond, body, carry)
+    return out_bn, counts_b
+
+
+def generate(
+    model: nnx.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    key: jax.Array,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    cache_dtype=jnp.float32,
+) -> list[list[int]]:
+    """Each prompt's new tokens (at most `max_new_tokens`, up to and including `eos_id`).
+
+    temperature 0 is greedy decoding; otherwise tokens are drawn by `sample` with the given
+    temperature, top_k and top_p. Prompts may differ in length but must not be empty. One
+    compilation per (batch, longest prompt, max_new_tokens, sampling settings).
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and no empty prompts")
+    if max_new_tokens <= 0:
+        return [[] for _ in prompts]
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    padded = np.zeros((len(prompts), int(lengths.max())), np.int32)
+    for row, p in zip(padded, prompts, strict=True):
+        row[: len(p)] = p
+    graphdef, state = nnx.split(model)
+    out_bn, counts_b = _generate_jit(
+        graphdef,
+        state,
+        jnp.asarray(padded),
+        jnp.asarray(lengths),
+        key,
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        eos_id=None if eos_id is None else int(eos_id),
+        cache_dtype=jnp.dtype(cache_dtype),
+    )
+    out_bn, counts_b = np.asarray(out_bn), np.asarray(counts_b)
+    return [out_bn[b, : counts_b[b]].tolist() for b in range(len(prompts))]
