@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import random_weights
 from flax import nnx
 
 from deepseek_jax.config import load_config, replace
@@ -18,7 +19,6 @@ from deepseek_jax.generate import (
     forward_with_cache,
     init_cache,
 )
-from deepseek_jax.model import DeepSeek
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -39,22 +39,7 @@ TOL = 1e-4
 
 
 def model_state(cfg, seed: int = 0):
-    """(graphdef, state) with random weights, built abstractly (eager init is slow). Norm scales
-    are 1 + 0.1·N(0,1), router biases 0.1·N(0,1), everything else init_std·N(0,1)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-        if name == "scale":
-            value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-        elif name == "router_bias_E":
-            value = 0.1 * rng.standard_normal(leaf.shape)
-        else:
-            value = cfg.init_std * rng.standard_normal(leaf.shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    return graphdef, jax.tree_util.tree_map_with_path(fill, state)
+    return random_weights.model_state(cfg, seed, std=cfg.init_std)
 
 
 def full_logits(graphdef, state, tokens_bt):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from random_weights import model_state, random_state
 
 from deepseek_jax.config import RopeConfig, load_config, replace
 from deepseek_jax.model import DeepSeek
@@ -23,32 +24,6 @@ jax.config.update("jax_default_matmul_precision", "highest")
 TINY = load_config("tiny").model
 FP32 = replace(TINY, compute_dtype="float32", **{"mtp.depth": 2})
 B, T = 2, 8
-
-
-def random_state(make, seed: int = 0, std: float = 0.08, bias_std: float = 0.1):
-    """(graphdef, state) of the module `make()` builds, with every array drawn at random.
-
-    Built abstractly (the model's eager init is slow); norm scales are 1 + 0.1·N(0,1), router
-    biases bias_std·N(0,1), everything else std·N(0,1).
-    """
-    graphdef, state = nnx.split(nnx.eval_shape(make))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = _names(path)[-1]
-        if name == "scale":
-            value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-        elif name == "router_bias_E":
-            value = bias_std * rng.standard_normal(leaf.shape)
-        else:
-            value = std * rng.standard_normal(leaf.shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    return graphdef, jax.tree_util.tree_map_with_path(fill, state)
-
-
-def model_state(cfg, seed: int = 0, **kw):
-    return random_state(lambda: DeepSeek(cfg, nnx.Rngs(0)), seed, **kw)
 
 
 def _names(path) -> tuple:

@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from random_weights import model_state
 
 from deepseek_jax.config import load_config, replace
-from deepseek_jax.model import DeepSeek
 from deepseek_jax.model.mtp import shift_tokens
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -31,25 +31,7 @@ B, T = 2, 8
 
 
 def random_state(cfg, seed: int = 0, std: float = 0.08):
-    """(graphdef, state) of a DeepSeek for `cfg` with every array drawn at random.
-
-    Norm scales are 1 + 0.1·N(0,1) (so swapping two norms is visible), router biases
-    0.1·N(0,1) (so the bias changes some selections), everything else std·N(0,1).
-    """
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0))))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-        if name == "scale":
-            value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-        elif name == "router_bias_E":
-            value = 0.1 * rng.standard_normal(leaf.shape)
-        else:
-            value = std * rng.standard_normal(leaf.shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    return graphdef, jax.tree_util.tree_map_with_path(fill, state)
+    return model_state(cfg, seed, std=std)
 
 
 def numpy_params(state) -> dict:

@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from random_weights import model_state
 
 from deepseek_jax.config import load_config, replace
 from deepseek_jax.generate import generate, sample
-from deepseek_jax.model import DeepSeek
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -26,20 +26,7 @@ KEY = jax.random.key(0)
 def model():
     """A tiny model with random weights, built abstractly (eager init is slow). Norm scales are
     1 + 0.1·N(0,1), router biases 0.1·N(0,1), everything else init_std·N(0,1)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: DeepSeek(TINY, nnx.Rngs(0))))
-    rng = np.random.default_rng(0)
-
-    def fill(path, leaf):
-        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
-        if name == "scale":
-            value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-        elif name == "router_bias_E":
-            value = 0.1 * rng.standard_normal(leaf.shape)
-        else:
-            value = TINY.init_std * rng.standard_normal(leaf.shape)
-        return jnp.asarray(value, leaf.dtype)
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
+    return nnx.merge(*model_state(TINY, 0, std=TINY.init_std))
 
 
 def naive_greedy(model, prompts, max_new):

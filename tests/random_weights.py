@@ -1,0 +1,35 @@
+"""Random weights for test models, built abstractly: the model's eager init is slow on CPU
+and gives unit norm scales, which would hide a swapped or missing norm."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_jax.model import DeepSeek
+
+
+def random_state(make, seed: int = 0, std: float = 0.08, bias_std: float = 0.1):
+    """(graphdef, state) of the module `make()` builds, with every array drawn at random:
+    norm scales 1 + 0.1·N(0,1), router biases bias_std·N(0,1), everything else std·N(0,1)."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)][-1]
+        if name == "scale":
+            value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+        elif name == "router_bias_E":
+            value = bias_std * rng.standard_normal(leaf.shape)
+        else:
+            value = std * rng.standard_normal(leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return graphdef, jax.tree_util.tree_map_with_path(fill, state)
+
+
+def model_state(cfg, seed: int = 0, **kw):
+    """`random_state` of a whole DeepSeek model for `cfg`."""
+    return random_state(lambda: DeepSeek(cfg, nnx.Rngs(0)), seed, **kw)
