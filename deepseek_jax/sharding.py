@@ -71,6 +71,9 @@ class ShardingError(ValueError):
 class Rules:
     table: Mapping[str, tuple[str, ...]]
 
+    def __hash__(self) -> int:  # hashable, so a Sharding can be a static jit argument
+        return hash(tuple(sorted((k, tuple(v)) for k, v in self.table.items())))
+
     def spec(self, axes: tuple[str | None, ...], mesh: Mesh | None = None) -> PartitionSpec:
         """PartitionSpec for an array with logical `axes`; mesh axes of size 1 are dropped."""
         out, used = [], {}

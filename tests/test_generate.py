@@ -129,3 +129,19 @@ def test_cache_bytes_v3():
     shapes = jax.eval_shape(lambda: init_cache(v3, 1, 4, jnp.bfloat16))
     per_token = sum(a.size * a.dtype.itemsize for a in (shapes.c_lbsr, shapes.k_pe_lbsk)) / 4
     assert per_token == 70_272
+
+
+def test_bf16_cache_stays_close_to_fp32(setup):
+    """A bf16 cache (fp32 compute) rounds ĉ and k_pe to 8 mantissa bits, nothing else: the
+    next-token distributions stay within a small KL of the fp32 forward and agree on top-1."""
+    cfg, graphdef, state, tokens_bt, want_btv = setup
+    cache = init_cache(cfg, len(PROMPTS), S_MAX, jnp.bfloat16)
+    logits_btv, _ = cached_step(graphdef, state, tokens_bt, cache)
+    got = jax.nn.log_softmax(jnp.asarray(logits_btv))
+    want = jax.nn.log_softmax(jnp.asarray(want_btv))
+    kl_bt = np.asarray((jnp.exp(want) * (want - got)).sum(-1))
+    top1 = (np.asarray(got).argmax(-1) == np.asarray(want).argmax(-1)).mean()
+    print(f"bf16 cache: mean KL {kl_bt.mean():.2e}, max KL {kl_bt.max():.2e}, top-1 {top1:.3f}")
+    assert kl_bt.mean() < 1e-4 and kl_bt.max() < 1e-3
+    assert top1 >= 0.95
+    assert np.abs(np.asarray(logits_btv) - want_btv).max() > 0  # the rounding is really there

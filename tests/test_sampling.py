@@ -142,3 +142,22 @@ def test_same_key_same_samples():
     a, b = draw(jax.random.key(5), temperature=1.0), draw(jax.random.key(5), temperature=1.0)
     np.testing.assert_array_equal(a, b)
     assert (a != draw(jax.random.key(6), temperature=1.0)).any()
+
+
+@pytest.mark.parametrize(
+    "preset, axes",
+    [("ep", {"data": 2, "expert": 4, "fsdp": 1}), ("fsdp", {"data": 1, "fsdp": 8, "expert": 1})],
+)
+def test_greedy_generate_on_a_mesh_matches_one_device(model, greedy, preset, axes):
+    """Weights placed by the training rules (experts split over `expert`, or everything over
+    `fsdp`), rows and cache over the batch axes (3 prompts padded to 4 rows on data=2), MoE
+    expert-parallel inside shard_map: the same greedy tokens as on one device."""
+    from deepseek_jax import sharding
+    from deepseek_jax.config import MeshConfig
+
+    cpus = jax.devices("cpu")
+    if len(cpus) < 8:
+        pytest.skip("needs 8 CPU devices (--xla_force_host_platform_device_count=8)")
+    mesh = sharding.make_mesh(MeshConfig(**axes, tensor=1), cpus[:8])
+    sh = sharding.Sharding(mesh, sharding.rules_for(preset))
+    assert generate(model, PROMPTS, MAX_NEW, key=KEY, mesh_sharding=sh) == greedy

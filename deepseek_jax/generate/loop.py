@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseek_jax.generate.cache import init_cache
+from deepseek_jax import sharding
+from deepseek_jax.generate.cache import LatentCache, init_cache
 from deepseek_jax.generate.decode import forward_with_cache
 from deepseek_jax.generate.sampling import sample
 
@@ -32,6 +33,7 @@ from deepseek_jax.generate.sampling import sample
         "top_p",
         "eos_id",
         "cache_dtype",
+        "mesh_sharding",
     ),
 )
 def _generate_jit(
@@ -47,11 +49,51 @@ def _generate_jit(
     top_p: float,
     eos_id: int | None,
     cache_dtype,
+    mesh_sharding: sharding.Sharding | None,
 ) -> tuple[jax.Array, jax.Array]:
     """(new tokens [B, max_new_tokens] int32, number produced per row [B] int32)."""
+    with sharding.use(mesh_sharding):
+        return _decode(
+            graphdef,
+            state,
+            prompts_bt,
+            prompt_lengths_b,
+            key,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=eos_id,
+            cache_dtype=cache_dtype,
+        )
+
+
+def shard_cache(cache: LatentCache) -> LatentCache:
+    """Split the cache's batch rows like the activations (identity without a mesh)."""
+    return LatentCache(
+        c_lbsr=sharding.constrain(cache.c_lbsr, (None, "batch", None, None)),
+        k_pe_lbsk=sharding.constrain(cache.k_pe_lbsk, (None, "batch", None, None)),
+        lengths_b=sharding.constrain(cache.lengths_b, ("batch",)),
+    )
+
+
+def _decode(
+    graphdef,
+    state,
+    prompts_bt,
+    prompt_lengths_b,
+    key,
+    *,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    eos_id,
+    cache_dtype,
+):
     model = nnx.merge(graphdef, state)
     b, p = prompts_bt.shape
-    cache = init_cache(model.cfg, b, p + max_new_tokens, cache_dtype)
+    cache = shard_cache(init_cache(model.cfg, b, p + max_new_tokens, cache_dtype))
     pick = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
 
     def is_eos(tokens_b):
@@ -83,6 +125,7 @@ def _generate_jit(
         logits_btv, cache = forward_with_cache(
             m, tokens_b[:, None], cache, running_b.astype(jnp.int32)
         )
+        cache = shard_cache(cache)
         new_b = pick(logits_btv[:, 0], jax.random.fold_in(key, i))
         new_b = jnp.where(running_b, new_b, tokens_b)
         column_b = jnp.where(running_b, new_b, out_bn[:, i])
@@ -106,27 +149,34 @@ def generate(
     top_p: float = 1.0,
     eos_id: int | None = None,
     cache_dtype=jnp.float32,
+    mesh_sharding: sharding.Sharding | None = None,
 ) -> list[list[int]]:
     """Each prompt's new tokens (at most `max_new_tokens`, up to and including `eos_id`).
 
     temperature 0 is greedy decoding; otherwise tokens are drawn by `sample` with the given
     temperature, top_k and top_p. Prompts may differ in length but must not be empty. One
     compilation per (batch, longest prompt, max_new_tokens, sampling settings).
+
+    With `mesh_sharding`, the weights are placed by its rules (as in training: experts over the
+    expert axis, the rest per the preset), prompt rows and the cache are split over the batch
+    axes (rows padded to a multiple of their size), and MoE layers run expert-parallel.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompts")
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    padded = np.zeros((len(prompts), int(lengths.max())), np.int32)
-    for row, p in zip(padded, prompts, strict=True):
-        row[: len(p)] = p
+    prompts_bt, lengths_b = pad_prompts(prompts, mesh_sharding)
     graphdef, state = nnx.split(model)
+    if mesh_sharding is not None:
+        state = jax.device_put(state, sharding.state_shardings(state, mesh_sharding))
+        rows = mesh_sharding.named(("batch", None))
+        prompts_bt = jax.device_put(prompts_bt, rows)
+        lengths_b = jax.device_put(lengths_b, mesh_sharding.named(("batch",)))
     out_bn, counts_b = _generate_jit(
         graphdef,
         state,
-        jnp.asarray(padded),
-        jnp.asarray(lengths),
+        prompts_bt,
+        lengths_b,
         key,
         max_new_tokens=int(max_new_tokens),
         temperature=float(temperature),
@@ -134,6 +184,24 @@ def generate(
         top_p=float(top_p),
         eos_id=None if eos_id is None else int(eos_id),
         cache_dtype=jnp.dtype(cache_dtype),
+        mesh_sharding=mesh_sharding,
     )
     out_bn, counts_b = np.asarray(out_bn), np.asarray(counts_b)
     return [out_bn[b, : counts_b[b]].tolist() for b in range(len(prompts))]
+
+
+def pad_prompts(
+    prompts: list[list[int]], mesh_sharding: sharding.Sharding | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Right-padded prompts [B, P] and their lengths [B]. With a mesh, B is rounded up to a
+    multiple of the batch axes' size with extra one-token rows (their output is dropped)."""
+    rows = len(prompts)
+    if mesh_sharding is not None:
+        split = mesh_sharding.axis_size("batch")
+        rows = -(-rows // split) * split
+    lengths = np.ones((rows,), np.int32)
+    lengths[: len(prompts)] = [len(p) for p in prompts]
+    padded = np.zeros((rows, int(lengths.max())), np.int32)
+    for row, p in zip(padded, prompts, strict=False):
+        row[: len(p)] = p
+    return jnp.asarray(padded), jnp.asarray(lengths)
