@@ -48,6 +48,30 @@ def _plot(args: argparse.Namespace) -> int:
     return plot_command(args.run_dir, args.out)
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from deepseek_jax.generate.text import generate_text, load_for_generation
+
+    if not args.prompt:
+        raise ConfigError("give at least one --prompt")
+    model, tokenizer = load_for_generation(
+        args.checkpoint, tokenizer=args.tokenizer, compute_dtype=args.dtype
+    )
+    outputs = generate_text(
+        model,
+        tokenizer,
+        args.prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_at_eos=not args.ignore_eos,
+    )
+    for prompt, text in zip(args.prompt, outputs, strict=True):
+        print(prompt + text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="deepseek-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +92,21 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (train.run_dir)")
     plot.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: RUN_DIR)")
     plot.set_defaults(func=_plot)
+    gen = sub.add_parser(
+        "generate",
+        help="continue prompts with a checkpoint (Hugging Face, converted, or a training run)",
+    )
+    gen.add_argument("checkpoint", metavar="CKPT", help="checkpoint folder or training run dir")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus filter")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the checkpoint's)")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    gen.set_defaults(func=_generate)
     args = parser.parse_args(argv)
     if getattr(args, "config", None) and "=" in args.config:
         # `deepseek-jax train key=value ...`: no config named, the default one with overrides.
