@@ -4,7 +4,6 @@ transformers' greedy `generate` produces from the same prompt."""
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
