@@ -6,9 +6,15 @@ from deepseek_jax.generate.cache import (
     expanded_bytes_per_token,
     init_cache,
 )
-from deepseek_jax.generate.decode import absorbed_attention, cached_step, forward_with_cache
+from deepseek_jax.generate.decode import (
+    absorbed_attention,
+    cached_step,
+    forward_with_cache,
+    mtp_with_cache,
+)
 from deepseek_jax.generate.loop import generate
 from deepseek_jax.generate.sampling import filter_logits, sample
+from deepseek_jax.generate.speculative import speculative_generate, verify_drafts
 
 __all__ = [
     "LatentCache",
@@ -20,5 +26,8 @@ __all__ = [
     "forward_with_cache",
     "generate",
     "init_cache",
+    "mtp_with_cache",
     "sample",
+    "speculative_generate",
+    "verify_drafts",
 ]

@@ -20,7 +20,7 @@ from deepseek_jax.config import ModelConfig
 
 @struct.dataclass
 class LatentCache:
-    c_lbsr: jax.Array  # [L, B, S_max, R] normed latents ĉ, one slice per main layer
+    c_lbsr: jax.Array  # [L, B, S_max, R] normed latents ĉ, one slice per layer
     k_pe_lbsk: jax.Array  # [L, B, S_max, d_r] RoPE'd shared keys
     lengths_b: jax.Array  # [B] int32: valid tokens per row
 
@@ -29,9 +29,14 @@ class LatentCache:
         return self.c_lbsr.shape[2]
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> LatentCache:
-    """An empty cache for `batch` rows of up to `max_len` tokens each."""
-    m, n = cfg.mla, cfg.num_layers
+def init_cache(
+    cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16, layers: int | None = None
+) -> LatentCache:
+    """An empty cache for `batch` rows of up to `max_len` tokens each.
+
+    One slice per main layer by default; `layers=1` gives the cache of one MTP module.
+    """
+    m, n = cfg.mla, cfg.num_layers if layers is None else layers
     return LatentCache(
         c_lbsr=jnp.zeros((n, batch, max_len, m.kv_lora_rank), dtype),
         k_pe_lbsk=jnp.zeros((n, batch, max_len, m.qk_rope_head_dim), dtype),

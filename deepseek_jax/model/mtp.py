@@ -33,10 +33,13 @@ class MTPModule(nnx.Module):
 
     def __call__(self, h_btd, emb_btd, cos_btk, sin_btk, segment_ids_bt=None):
         """Returns (h^k before the head norm, head-normed h^k, MoE aux)."""
-        joined_bt2d = jnp.concatenate([self.emb_norm(emb_btd), self.hidden_norm(h_btd)], axis=-1)
-        x_btd = jnp.einsum("bte,ed->btd", joined_bt2d, cast(self.proj_2DD, self.cfg))
-        h_btd, aux = self.block(x_btd, cos_btk, sin_btk, segment_ids_bt)
+        h_btd, aux = self.block(self.block_input(h_btd, emb_btd), cos_btk, sin_btk, segment_ids_bt)
         return h_btd, self.head_norm(h_btd), aux
+
+    def block_input(self, h_btd: jax.Array, emb_btd: jax.Array) -> jax.Array:
+        """h' = [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)] W_k, the block's input."""
+        joined_bt2d = jnp.concatenate([self.emb_norm(emb_btd), self.hidden_norm(h_btd)], axis=-1)
+        return jnp.einsum("bte,ed->btd", joined_bt2d, cast(self.proj_2DD, self.cfg))
 
 
 def shift_tokens(tokens_bt: jax.Array, k: int, pad: int = 0) -> jax.Array:
