@@ -1,6 +1,7 @@
 """deepseek-jax: DeepSeek-V2/V3 language models (MLA, DeepSeekMoE, MTP) in JAX and Flax NNX."""
 
 from deepseek_jax.config import Config, ModelConfig, from_hf_config, load_config
+from deepseek_jax.generate import generate_text, load_for_generation
 from deepseek_jax.hf.load import load
 from deepseek_jax.model import DeepSeek, ModelOutput
 
@@ -10,6 +11,8 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "from_hf_config",
+    "generate_text",
     "load",
     "load_config",
+    "load_for_generation",
 ]

@@ -56,6 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_generation(
         args.checkpoint, tokenizer=args.tokenizer, compute_dtype=args.dtype
     )
+    stats: dict = {}
     outputs = generate_text(
         model,
         tokenizer,
@@ -66,9 +67,18 @@ def _generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop_at_eos=not args.ignore_eos,
+        speculative=args.speculative,
+        stats=stats,
     )
     for prompt, text in zip(args.prompt, outputs, strict=True):
         print(prompt + text)
+    if args.speculative:
+        print(
+            f"# MTP drafts accepted: {stats['accepted']}/{stats['drafted']} "
+            f"({stats['acceptance_rate']:.2f}); {stats['main_forward_calls']} main-model calls "
+            f"for {stats['new_tokens']} new tokens",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -106,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the checkpoint's)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    gen.add_argument("--speculative", action="store_true", help="draft tokens with the MTP module")
     gen.set_defaults(func=_generate)
     args = parser.parse_args(argv)
     if getattr(args, "config", None) and "=" in args.config:

@@ -15,6 +15,7 @@ from deepseek_jax.generate.decode import (
 from deepseek_jax.generate.loop import generate
 from deepseek_jax.generate.sampling import filter_logits, sample
 from deepseek_jax.generate.speculative import speculative_generate, verify_drafts
+from deepseek_jax.generate.text import generate_text, load_for_generation
 
 __all__ = [
     "LatentCache",
@@ -25,7 +26,9 @@ __all__ = [
     "filter_logits",
     "forward_with_cache",
     "generate",
+    "generate_text",
     "init_cache",
+    "load_for_generation",
     "mtp_with_cache",
     "sample",
     "speculative_generate",

@@ -25,6 +25,7 @@ from deepseek_jax.data.tokenizer import (
     make_tokenizer,
 )
 from deepseek_jax.generate.loop import generate
+from deepseek_jax.generate.speculative import speculative_generate
 
 
 def training_step_dir(path: str | os.PathLike) -> str | None:
@@ -109,11 +110,15 @@ def generate_text(
     stop_at_eos: bool = True,
     cache_dtype=jnp.float32,
     mesh_sharding=None,
+    speculative: bool = False,
+    stats: dict | None = None,
 ) -> str | list[str]:
     """Continuations of `prompts` (one string or a list), decoded without special tokens.
 
     temperature 0 is greedy; sampling is seeded by `seed`. Generation stops at the tokenizer's
-    EOS (unless `stop_at_eos` is false) or after `max_new_tokens` tokens.
+    EOS (unless `stop_at_eos` is false) or after `max_new_tokens` tokens. `speculative` drafts
+    with the model's MTP module (same tokens when greedy, same distribution when sampling);
+    pass a dict as `stats` to receive its acceptance counts.
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
@@ -123,17 +128,21 @@ def generate_text(
         )
     ids = [encode_prompt(tokenizer, t, add_bos) for t in texts]
     eos = tokenizer.eos_id if stop_at_eos else None
-    new = generate(
-        model,
-        ids,
-        max_new_tokens,
+    sampling = dict(
         key=jax.random.key(seed),
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         eos_id=eos,
         cache_dtype=cache_dtype,
-        mesh_sharding=mesh_sharding,
     )
+    if speculative:
+        if mesh_sharding is not None:
+            raise ValueError("speculative decoding runs on one device (no mesh_sharding yet)")
+        new, counts = speculative_generate(model, ids, max_new_tokens, **sampling)
+        if stats is not None:
+            stats.update(counts)
+    else:
+        new = generate(model, ids, max_new_tokens, mesh_sharding=mesh_sharding, **sampling)
     out = [tokenizer.decode(n) for n in new]
     return out[0] if single else out
