@@ -9,6 +9,8 @@ import sys
 import yaml
 
 from deepseek_jax.config import ConfigError, load_config
+from deepseek_jax.hf.convert import add_convert_parser
+from deepseek_jax.hf.load import CheckpointError
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -68,13 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (train.run_dir)")
     plot.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: RUN_DIR)")
     plot.set_defaults(func=_plot)
+    add_convert_parser(sub)
     args = parser.parse_args(argv)
     if getattr(args, "config", None) and "=" in args.config:
         # `deepseek-jax train key=value ...`: no config named, the default one with overrides.
         args.overrides, args.config = [args.config, *args.overrides], "tiny"
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"deepseek-jax: error: {e}", file=sys.stderr)
         return 2
 
