@@ -9,6 +9,8 @@ import sys
 import yaml
 
 from deepseek_jax.config import ConfigError, load_config
+from deepseek_jax.hf.convert import add_convert_parser
+from deepseek_jax.hf.load import CheckpointError
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -56,6 +58,8 @@ def _generate(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_generation(
         args.checkpoint, tokenizer=args.tokenizer, compute_dtype=args.dtype
     )
+    if args.speculative and not model.cfg.mtp.depth:
+        raise ConfigError(f"{args.checkpoint} has no MTP module to draft with: drop --speculative")
     stats: dict = {}
     outputs = generate_text(
         model,
@@ -118,13 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     gen.add_argument("--speculative", action="store_true", help="draft tokens with the MTP module")
     gen.set_defaults(func=_generate)
+    add_convert_parser(sub)
     args = parser.parse_args(argv)
     if getattr(args, "config", None) and "=" in args.config:
         # `deepseek-jax train key=value ...`: no config named, the default one with overrides.
         args.overrides, args.config = [args.config, *args.overrides], "tiny"
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"deepseek-jax: error: {e}", file=sys.stderr)
         return 2
 

@@ -313,6 +313,10 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
     resume: bool = True
+    # Start a run that has no checkpoint yet from these weights (params and router biases, fresh
+    # optimizer, step 0): a directory written by `deepseek-jax convert hf-to-orbax`, or any path
+    # `deepseek_jax.load` accepts. "" starts from random weights. Resuming takes precedence.
+    init_from: str = ""
     # Held-out loss every N steps over this many batches (0 disables).
     eval_every: int = 50
     eval_batches: int = 4
@@ -346,6 +350,10 @@ class TrainConfig:
         )
         _require(self.warmup_steps >= 0, f"{p}.warmup_steps must be >= 0")
         _require(self.eval_every >= 0, f"{p}.eval_every must be >= 0 (0 disables evaluation)")
+        _require(
+            self.init_from == self.init_from.strip(),
+            f'{p}.init_from={self.init_from!r} has surrounding spaces; give a plain path or ""',
+        )
         for name in ("mtp_lambda", "mtp_lambda_final", "balance_alpha", "bias_gamma", "z_loss"):
             _require(getattr(self, name) >= 0, f"{p}.{name}={getattr(self, name)} must be >= 0")
 

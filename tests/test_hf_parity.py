@@ -15,6 +15,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from hf_models import (
+    FP8_BLOCK,
+    TOL,
+    V2_BASE,
+    V3_BASE,
+    VOCAB,
+    T,
+    hf_logits,
+    is_fp8_weight,
+    mtp_tensors,
+    our_logits,
+    random_tokens,
+    randomize,
+)
 from transformers import (
     DeepseekV2Config,
     DeepseekV2ForCausalLM,
@@ -26,58 +40,6 @@ import deepseek_jax
 from deepseek_jax.hf.fp8 import quantize_fp8_block
 from deepseek_jax.hf.load import CheckpointError
 from deepseek_jax.hf.safetensors_io import CheckpointReader, write_safetensors, write_sharded
-
-TOL = 1e-4  # fixed; never loosened
-VOCAB, T = 160, 96
-ORIGINAL_CONTEXT = 32  # YaRN's pre-extension length; T = 3x beyond it
-
-V3_BASE = dict(
-    vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=96,
-    moe_intermediate_size=24,
-    num_hidden_layers=5,
-    num_attention_heads=4,
-    num_key_value_heads=4,
-    n_shared_experts=1,
-    n_routed_experts=16,
-    n_group=4,
-    topk_group=2,
-    num_experts_per_tok=4,
-    first_k_dense_replace=2,  # 2 dense then 3 MoE layers
-    q_lora_rank=40,
-    kv_lora_rank=24,
-    qk_rope_head_dim=8,
-    qk_nope_head_dim=16,
-    v_head_dim=12,
-    routed_scaling_factor=2.5,
-    norm_topk_prob=True,
-    max_position_embeddings=4 * ORIGINAL_CONTEXT,
-    initializer_range=0.1,
-    rope_parameters=dict(
-        rope_type="yarn",
-        rope_theta=10000.0,
-        factor=4.0,
-        original_max_position_embeddings=ORIGINAL_CONTEXT,
-        beta_fast=32,
-        beta_slow=1,
-        mscale=1.0,
-        mscale_all_dim=1.0,
-    ),
-)
-
-V2_BASE = dict(
-    V3_BASE,
-    q_lora_rank=None,
-    n_group=1,
-    topk_group=1,
-    topk_method="greedy",
-    norm_topk_prob=False,
-    routed_scaling_factor=1.0,
-    n_shared_experts=2,
-    num_experts_per_tok=3,
-    rope_parameters=dict(V3_BASE["rope_parameters"], mscale=0.707, mscale_all_dim=0.707),
-)
 
 CASES = {
     "v3_grouped_bias_yarn": (DeepseekV3Config, DeepseekV3ForCausalLM, V3_BASE),
@@ -93,38 +55,12 @@ CASES = {
 FIGURES: dict[str, float] = {}
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Norm weights away from 1 and a non-zero correction bias, so both are exercised."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-        for name, buf in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buf.copy_(0.1 * torch.randn(buf.shape, generator=g))
-
-
-def _tokens(seed: int = 0, batch: int = 2) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, VOCAB, size=(batch, T)).astype(np.int32)
-
-
-def _hf_logits(model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(tokens).long()).logits.float().numpy()
-
-
-def _our_logits(model, tokens: np.ndarray) -> np.ndarray:
-    with jax.default_matmul_precision("highest"):
-        return np.asarray(model(jnp.asarray(tokens)))
-
-
 @pytest.fixture(scope="module", params=sorted(CASES))
 def saved_case(request, tmp_path_factory):
     config_cls, model_cls, kwargs = CASES[request.param]
     torch.manual_seed(0)
     model = model_cls(config_cls(**kwargs)).eval()
-    _randomize(model, seed=1)
+    randomize(model, seed=1)
     path = tmp_path_factory.mktemp(request.param)
     # A small shard size forces the sharded layout with model.safetensors.index.json.
     model.save_pretrained(path, max_shard_size="100KB")
@@ -134,9 +70,9 @@ def saved_case(request, tmp_path_factory):
 def test_logits_match_transformers(saved_case):
     name, hf_model, path = saved_case
     assert os.path.exists(path / "model.safetensors.index.json")
-    tokens = _tokens()
-    ref = _hf_logits(hf_model, tokens)
-    ours = _our_logits(deepseek_jax.load(path), tokens)
+    tokens = random_tokens()
+    ref = hf_logits(hf_model, tokens)
+    ours = our_logits(deepseek_jax.load(path), tokens)
     err = float(np.abs(ours - ref).max())
     FIGURES[name] = err
     print(f"\n[parity] {name}: max |logit diff| = {err:.2e} (logit scale {np.abs(ref).max():.2f})")
@@ -148,7 +84,7 @@ def test_routing_is_exercised(saved_case):
     """The random weights make routing non-trivial: every layer spreads tokens over experts."""
     _, _, path = saved_case
     model = deepseek_jax.load(path)
-    out = model.forward(jnp.asarray(_tokens()))
+    out = model.forward(jnp.asarray(random_tokens()))
     load = np.asarray(out.expert_load)
     assert load.shape == (3, model.cfg.moe.n_routed_experts)
     assert load.sum(axis=1).tolist() == [2 * T * model.cfg.moe.n_experts_per_tok] * 3
@@ -158,9 +94,9 @@ def test_routing_is_exercised(saved_case):
 def test_bf16_compute_close_to_fp32(saved_case):
     """bf16 compute (fp32 weights) against fp32: KL(p_fp32 || p_bf16) of next-token laws."""
     name, _, path = saved_case
-    tokens = _tokens()
-    p32 = jax.nn.log_softmax(_our_logits(deepseek_jax.load(path), tokens))
-    p16 = jax.nn.log_softmax(_our_logits(deepseek_jax.load(path, compute_dtype="bfloat16"), tokens))
+    tokens = random_tokens()
+    p32 = jax.nn.log_softmax(our_logits(deepseek_jax.load(path), tokens))
+    p16 = jax.nn.log_softmax(our_logits(deepseek_jax.load(path, compute_dtype="bfloat16"), tokens))
     kl = np.asarray(jnp.sum(jnp.exp(p32) * (p32 - p16), axis=-1))
     agree = float(np.mean(np.argmax(p32, -1) == np.argmax(p16, -1)))
     print(f"\n[bf16] {name}: mean KL {kl.mean():.2e}, max {kl.max():.2e}, top-1 agree {agree:.3f}")
@@ -173,39 +109,13 @@ def test_bf16_compute_close_to_fp32(saved_case):
 
 # --- FP8 ------------------------------------------------------------------------------------
 
-FP8_BLOCK = (32, 32)  # smaller than the release's 128 so that weights span several blocks
-
-
-def _is_fp8_weight(name: str) -> bool:
-    # SPEC §6: attention, dense-MLP and expert projections are FP8; embeddings, lm_head, router
-    # gates, norms and MTP extras are not.
-    return name.endswith("_proj.weight") and "eh_proj" not in name and ".gate." not in name
-
-
-def _mtp_tensors(cfg: dict, reference: dict[str, np.ndarray], rng) -> dict[str, np.ndarray]:
-    """A full MTP layer at index num_hidden_layers, shaped like layer 2 (an MoE layer)."""
-    n, d = cfg["num_hidden_layers"], cfg["hidden_size"]
-    out = {}
-    for name, value in reference.items():
-        if name.startswith("model.layers.2."):
-            out[name.replace("model.layers.2.", f"model.layers.{n}.")] = value + rng.normal(
-                0, 0.01, value.shape
-            ).astype(np.float32)
-    out[f"model.layers.{n}.enorm.weight"] = np.ones(d, np.float32)
-    out[f"model.layers.{n}.hnorm.weight"] = np.ones(d, np.float32)
-    out[f"model.layers.{n}.eh_proj.weight"] = rng.normal(0, 0.1, (d, 2 * d)).astype(np.float32)
-    out[f"model.layers.{n}.shared_head.norm.weight"] = np.ones(d, np.float32)
-    out[f"model.layers.{n}.embed_tokens.weight"] = reference["model.embed_tokens.weight"]
-    out[f"model.layers.{n}.shared_head.head.weight"] = reference["lm_head.weight"]
-    return out
-
 
 @pytest.fixture(scope="module")
 def fp8_checkpoint(tmp_path_factory):
     """An FP8 copy of a V3 checkpoint (with an MTP layer), plus its dequantized fp32 twin."""
     torch.manual_seed(0)
     model = DeepseekV3ForCausalLM(DeepseekV3Config(**V3_BASE)).eval()
-    _randomize(model, seed=2)
+    randomize(model, seed=2)
     src = tmp_path_factory.mktemp("fp8_src")
     model.save_pretrained(src)
     with CheckpointReader(src) as reader:
@@ -214,15 +124,15 @@ def fp8_checkpoint(tmp_path_factory):
 
     quantized, dequantized = {}, {}
     for name, value in tensors.items():
-        if _is_fp8_weight(name):
+        if is_fp8_weight(name):
             q, scale = quantize_fp8_block(value, FP8_BLOCK)
             quantized[name], quantized[f"{name}_scale_inv"] = q, scale
             dequantized[name] = deepseek_jax.hf.fp8.dequantize_fp8_block(q, scale, FP8_BLOCK)
         else:
             quantized[name] = dequantized[name] = value
-    mtp = _mtp_tensors(config, tensors, np.random.default_rng(3))
+    mtp = mtp_tensors(config, tensors, np.random.default_rng(3))
     for name, value in mtp.items():
-        if _is_fp8_weight(name):
+        if is_fp8_weight(name):
             quantized[name], quantized[f"{name}_scale_inv"] = quantize_fp8_block(value, FP8_BLOCK)
         else:
             quantized[name] = value
@@ -250,11 +160,11 @@ def fp8_checkpoint(tmp_path_factory):
 
 def test_fp8_checkpoint_matches_transformers(fp8_checkpoint):
     fp8_dir, reference, _ = fp8_checkpoint
-    tokens = _tokens(seed=5)
+    tokens = random_tokens(seed=5)
     ours_model = deepseek_jax.load(fp8_dir)
     assert ours_model.cfg.mtp.depth == 1
-    ours = _our_logits(ours_model, tokens)
-    err = float(np.abs(ours - _hf_logits(reference, tokens)).max())
+    ours = our_logits(ours_model, tokens)
+    err = float(np.abs(ours - hf_logits(reference, tokens)).max())
     FIGURES["v3_fp8"] = err
     print(f"\n[parity] v3_fp8 (block {FP8_BLOCK}): max |logit diff| = {err:.2e}")
     assert err <= TOL

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,15 @@ from flax import nnx
 
 from deepseek_jax.config import ModelConfig, from_hf_config, replace
 from deepseek_jax.hf.fp8 import dequantize_fp8_block
-from deepseek_jax.hf.safetensors_io import CheckpointReader
+from deepseek_jax.hf.mapping import (
+    HFTensor,
+    hf_tensors,
+    is_bias_leaf,
+    leaf_specs,
+    nest,
+    to_ours,
+)
+from deepseek_jax.hf.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointReader
 from deepseek_jax.model import DeepSeek
 
 log = logging.getLogger(__name__)
@@ -30,35 +37,63 @@ class CheckpointError(ValueError):
     """A checkpoint does not match what its config.json describes."""
 
 
-class _Tensors:
-    """Reads named tensors as float32, dequantizing FP8 ones, and remembers what was used."""
+def check_tensors(
+    cfg: ModelConfig, reader: CheckpointReader, block: tuple[int, int] | None
+) -> list[HFTensor]:
+    """The tensors to read for `cfg`, after checking every name, shape and FP8 scale against the
+    checkpoint's headers and refusing tensors the config does not use (nothing is read yet).
 
-    def __init__(self, reader: CheckpointReader, block: tuple[int, int] | None):
-        self.reader, self.block, self.used = reader, block, set()
-
-    def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in self.reader:
+    An MTP layer's copies of the embedding and output head are optional (they are shared)."""
+    plan, used = [], set()
+    for t in hf_tensors(cfg):
+        if t.copy and t.name not in reader:
+            continue
+        if t.name not in reader:
             raise CheckpointError(
-                f"checkpoint is missing tensor {name} (expected shape {list(shape)})"
+                f"checkpoint {reader.directory} is missing tensor {t.name} "
+                f"(expected shape {list(t.shape)})"
             )
-        got = tuple(self.reader.shape(name))
-        if got != tuple(shape):
+        got = tuple(reader.shape(t.name))
+        if got != t.shape:
             raise CheckpointError(
-                f"tensor {name} has shape {list(got)}, but config.json implies {list(shape)}"
+                f"tensor {t.name} has shape {list(got)}, but config.json implies {list(t.shape)}"
             )
-        self.used.add(name)
-        value = self.reader.get(name)
-        if value.dtype == ml_dtypes.float8_e4m3fn:
-            scale_name = f"{name}_scale_inv"
-            if self.block is None:
+        used.add(t.name)
+        if reader.dtype(t.name) == ml_dtypes.float8_e4m3fn:
+            scale = f"{t.name}_scale_inv"
+            if block is None:
                 raise CheckpointError(
-                    f"tensor {name} is {value.dtype} but config.json has no fp8 quantization_config"
+                    f"tensor {t.name} is float8_e4m3fn but config.json has no fp8 "
+                    "quantization_config"
                 )
-            if scale_name not in self.reader:
-                raise CheckpointError(f"FP8 tensor {name} has no scale tensor {scale_name}")
-            self.used.add(scale_name)
-            return dequantize_fp8_block(value, self.reader.get(scale_name), self.block)
-        return np.asarray(value, dtype=np.float32)
+            if scale not in reader:
+                raise CheckpointError(f"FP8 tensor {t.name} has no scale tensor {scale}")
+            used.add(scale)
+        plan.append(t)
+    unexpected = sorted(set(reader.keys()) - used)
+    if unexpected:
+        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+        raise CheckpointError(
+            f"checkpoint has tensors the config does not use: {', '.join(unexpected[:5])}{more}"
+        )
+    return plan
+
+
+def read_tensor(
+    reader: CheckpointReader, name: str, block: tuple[int, int] | None, fresh: bool = False
+) -> np.ndarray:
+    """Tensor `name` in its stored dtype, or dequantized to float32 when it is FP8 (SPEC §6).
+
+    fresh=True reads into a new array instead of viewing the memory-mapped file, which keeps the
+    resident memory of a streaming conversion bounded."""
+    get = reader.read if fresh else reader.get
+    value = get(name)
+    if value.dtype == ml_dtypes.float8_e4m3fn:
+        try:
+            return dequantize_fp8_block(value, get(f"{name}_scale_inv"), block)
+        except ValueError as e:
+            raise CheckpointError(f"FP8 tensor {name}: {e}") from None
+    return value
 
 
 def _fp8_block(hf: dict) -> tuple[int, int] | None:
@@ -77,130 +112,61 @@ def _fp8_block(hf: dict) -> tuple[int, int] | None:
     return int(block[0]), int(block[1])
 
 
-def _block(cfg: ModelConfig, kind: str, get: Callable, p: str) -> dict:
-    """One decoder block's arrays in our layout, from HF names under prefix `p`."""
-    d, h, m = cfg.hidden_size, cfg.num_heads, cfg.mla
-    qk, r, dn, dv, dr = (
-        m.qk_head_dim,
-        m.kv_lora_rank,
-        m.qk_nope_head_dim,
-        m.v_head_dim,
-        m.qk_rope_head_dim,
-    )
-    a = f"{p}self_attn."
-    attn: dict = {}
-    if m.q_lora_rank is None:
-        attn["wq_DHK"] = get(f"{a}q_proj.weight", (h * qk, d)).reshape(h, qk, d).transpose(2, 0, 1)
-    else:
-        q = m.q_lora_rank
-        attn["wq_a_DQ"] = get(f"{a}q_a_proj.weight", (q, d)).T
-        attn["q_norm"] = {"scale": get(f"{a}q_a_layernorm.weight", (q,))}
-        attn["wq_b_QHK"] = (
-            get(f"{a}q_b_proj.weight", (h * qk, q)).reshape(h, qk, q).transpose(2, 0, 1)
-        )
-    kv_a = get(f"{a}kv_a_proj_with_mqa.weight", (r + dr, d))
-    attn["wkv_a_DR"], attn["wk_rope_DK"] = kv_a[:r].T, kv_a[r:].T
-    attn["kv_norm"] = {"scale": get(f"{a}kv_a_layernorm.weight", (r,))}
-    kv_b = get(f"{a}kv_b_proj.weight", (h * (dn + dv), r)).reshape(h, dn + dv, r)
-    attn["wk_b_RHK"] = kv_b[:, :dn].transpose(2, 0, 1)
-    attn["wv_b_RHK"] = kv_b[:, dn:].transpose(2, 0, 1)
-    attn["wo_HKD"] = get(f"{a}o_proj.weight", (d, h * dv)).reshape(d, h, dv).transpose(1, 2, 0)
-
-    f = f"{p}mlp."
-    if kind == "moe":
-        e, fi = cfg.moe.n_routed_experts, cfg.moe.moe_intermediate_size
-        bias_name = f"{f}gate.e_score_correction_bias"
-        if cfg.moe.topk_method == "noaux_tc":
-            bias = get(bias_name, (e,))
-        else:  # V2 routers have no correction bias
-            bias = np.zeros((e,), np.float32)
-        ffn = {
-            "router_DE": get(f"{f}gate.weight", (e, d)).T,
-            "router_bias_E": bias,
-            "gate_EDF": np.stack(
-                [get(f"{f}experts.{j}.gate_proj.weight", (fi, d)).T for j in range(e)]
-            ),
-            "up_EDF": np.stack(
-                [get(f"{f}experts.{j}.up_proj.weight", (fi, d)).T for j in range(e)]
-            ),
-            "down_EFD": np.stack(
-                [get(f"{f}experts.{j}.down_proj.weight", (d, fi)).T for j in range(e)]
-            ),
-        }
-        if cfg.moe.n_shared_experts:
-            ffn["shared"] = _swiglu(get, f"{f}shared_experts.", d, cfg.moe.n_shared_experts * fi)
-    else:
-        ffn = _swiglu(get, f, d, cfg.intermediate_size)
-    return {
-        "attn_norm": {"scale": get(f"{p}input_layernorm.weight", (d,))},
-        "attn": attn,
-        "ffn_norm": {"scale": get(f"{p}post_attention_layernorm.weight", (d,))},
-        "ffn": ffn,
-    }
-
-
-def _swiglu(get: Callable, p: str, d: int, width: int) -> dict:
-    return {
-        "gate_DF": get(f"{p}gate_proj.weight", (width, d)).T,
-        "up_DF": get(f"{p}up_proj.weight", (width, d)).T,
-        "down_FD": get(f"{p}down_proj.weight", (d, width)).T,
-    }
-
-
-def _stack(trees: list[dict]) -> dict:
-    return jax.tree.map(lambda *a: np.stack(a), *trees)
-
-
 def hf_to_arrays(cfg: ModelConfig, reader: CheckpointReader, block: tuple[int, int] | None) -> dict:
     """Our parameter tree (nested dict of float32 NumPy arrays) from an HF checkpoint."""
-    get = _Tensors(reader, block)
-    d, v = cfg.hidden_size, cfg.vocab_size
-    kinds = cfg.layer_kinds
-    tree: dict = {
-        "embed": {"table_VD": get("model.embed_tokens.weight", (v, d))},
-        "final_norm": {"scale": get("model.norm.weight", (d,))},
-        "lm_head_DV": get("lm_head.weight", (v, d)).T,
-    }
-    for kind in ("dense", "moe"):
-        layers = [i for i in range(cfg.num_layers) if kinds[i] == kind]
-        if layers:
-            tree[f"{kind}_layers"] = _stack(
-                [_block(cfg, kind, get, f"model.layers.{i}.") for i in layers]
-            )
-    if cfg.mtp.depth:
-        modules = []
-        for k in range(cfg.mtp.depth):
-            i = cfg.num_layers + k
-            p = f"model.layers.{i}."
-            modules.append(
-                {
-                    "emb_norm": {"scale": get(f"{p}enorm.weight", (d,))},
-                    "hidden_norm": {"scale": get(f"{p}hnorm.weight", (d,))},
-                    "proj_2DD": get(f"{p}eh_proj.weight", (d, 2 * d)).T,
-                    "block": _block(cfg, kinds[i], get, p),
-                    "head_norm": {"scale": get(f"{p}shared_head.norm.weight", (d,))},
-                }
-            )
-            # Embedding and head are shared with the main model (SPEC §4); the checkpoint keeps
-            # copies, which we check rather than silently ignore.
-            for name, ours in (
-                (f"{p}embed_tokens.weight", tree["embed"]["table_VD"]),
-                (f"{p}shared_head.head.weight", tree["lm_head_DV"].T),
-            ):
-                if name in reader:
-                    if not np.array_equal(get(name, (v, d)), ours):
-                        log.warning(
-                            "%s differs from the main model's copy; using the main one", name
-                        )
-        tree["mtp"] = _stack(modules)
+    plan = check_tensors(cfg, reader, block)
+    specs = leaf_specs(cfg)
+    flat = {leaf: np.zeros(spec.shape, np.float32) for leaf, spec in specs.items()}
+    filled: set[str] = set()
+    for t in plan:
+        value = read_tensor(reader, t.name, block)
+        for part in t.parts:
+            piece = to_ours(part, value)
+            if t.copy:
+                # Embedding and head are shared with the main model (SPEC §4); the checkpoint
+                # keeps copies, which we check rather than silently ignore.
+                if not np.array_equal(piece, flat[part.leaf][part.index]):
+                    log.warning("%s differs from the main model's copy; using the main one", t.name)
+                continue
+            flat[part.leaf][part.index] = piece
+            filled.add(part.leaf)
+    # Leaves no HF tensor fills are V2's router biases, which stay zero.
+    assert all(leaf in filled or is_bias_leaf(leaf) for leaf in flat), set(flat) - filled
+    return nest(flat)
 
-    unexpected = sorted(set(reader.keys()) - get.used)
-    if unexpected:
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise CheckpointError(
-            f"checkpoint has tensors the config does not use: {', '.join(unexpected[:5])}{more}"
+
+def open_hf(path: str, **overrides) -> tuple[dict, ModelConfig, tuple[int, int] | None]:
+    """(config.json dict, ModelConfig, FP8 block or None) of the HF checkpoint directory `path`."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
+    with open(config_path) as f:
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_path} is not valid JSON ({e})") from None
+    block = _fp8_block(hf)
+    return hf, from_hf_config(hf, **overrides), block
+
+
+def is_hf_checkpoint(path: str) -> bool:
+    """Whether `path` holds HF weights (a run directory also has a config.json, of another kind)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        os.path.isfile(os.path.join(path, name)) for name in (SINGLE_FILE, INDEX_FILE)
+    )
+
+
+def without_absent_mtp(cfg: ModelConfig, reader: CheckpointReader) -> ModelConfig:
+    """config.json may announce MTP layers that the checkpoint lacks (transformers drops them)."""
+    probe = f"model.layers.{cfg.num_layers}.eh_proj.weight"
+    if cfg.mtp.depth and probe not in reader:
+        log.info(
+            "config.json has %d MTP layer(s) but %s is absent: loading without MTP",
+            cfg.mtp.depth,
+            probe,
         )
-    return tree
+        cfg = replace(cfg, **{"mtp.depth": 0})
+    return cfg
 
 
 def load(
@@ -210,31 +176,24 @@ def load(
     param_dtype: str = "float32",
     scan_layers: bool = True,
 ) -> DeepSeek:
-    """A DeepSeek model with the weights of the HF checkpoint directory at `path`.
+    """A DeepSeek model with the weights at `path`: an HF checkpoint directory (config.json plus
+    safetensors), a directory written by `hf_to_orbax`, or a training run directory, its
+    `checkpoints/` directory or one step directory (the newest step is used).
 
     `m(tokens)` on int tokens [B, T] returns the main logits [B, T, V]; `m.forward` also returns
     MTP logits and routing statistics.
     """
     path = os.fspath(path)
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
-    with open(config_path) as f:
-        hf = json.load(f)
-    cfg = from_hf_config(
-        hf, compute_dtype=compute_dtype, param_dtype=param_dtype, scan_layers=scan_layers
-    )
+    overrides = dict(compute_dtype=compute_dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+    if os.path.isdir(path) and not is_hf_checkpoint(path):
+        from deepseek_jax.hf.orbax_io import find_source, load_orbax
+
+        if find_source(path, required=False) is not None:
+            return load_orbax(path, **overrides)
+    _, cfg, block = open_hf(path, **overrides)
     with CheckpointReader(path) as reader:
-        mtp_probe = f"model.layers.{cfg.num_layers}.eh_proj.weight"
-        if cfg.mtp.depth and mtp_probe not in reader:
-            # config.json announces MTP layers, but checkpoints written by transformers drop them.
-            log.info(
-                "config.json has %d MTP layer(s) but %s is absent: loading without MTP",
-                cfg.mtp.depth,
-                mtp_probe,
-            )
-            cfg = replace(cfg, **{"mtp.depth": 0})
-        arrays = hf_to_arrays(cfg, reader, _fp8_block(hf))
+        cfg = without_absent_mtp(cfg, reader)
+        arrays = hf_to_arrays(cfg, reader, block)
     return from_arrays(cfg, arrays)
 
 
@@ -261,4 +220,12 @@ def from_arrays(cfg: ModelConfig, arrays: dict) -> DeepSeek:
     return nnx.merge(graphdef, state)
 
 
-__all__ = ["CheckpointError", "from_arrays", "hf_to_arrays", "load"]
+__all__ = [
+    "CheckpointError",
+    "check_tensors",
+    "from_arrays",
+    "hf_to_arrays",
+    "load",
+    "open_hf",
+    "read_tensor",
+]

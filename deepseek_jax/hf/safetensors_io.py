@@ -6,7 +6,10 @@ with offsets ``[begin, end)`` relative to the start of the data buffer; an optio
 ``"__metadata__"`` entry maps strings to strings. All data is little-endian and C-ordered.
 
 ``SafetensorsFile.get`` returns read-only views on a memory map of the file, so opening a large
-checkpoint reads only the headers; bytes are paged in when a tensor is actually used.
+checkpoint reads only the headers; bytes are paged in when a tensor is actually used. Pages of a
+memory map that were touched count toward the process's resident memory until it is dropped, so
+converters that stream a whole checkpoint use ``read`` instead: a plain read into a fresh array.
+``write_streaming`` writes shards tensor by tensor, never holding more than one tensor.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -26,6 +29,7 @@ __all__ = [
     "SafetensorsFile",
     "write_safetensors",
     "write_sharded",
+    "write_streaming",
 ]
 
 # safetensors dtype name -> little-endian NumPy dtype.
@@ -170,6 +174,15 @@ class SafetensorsFile:
         start = self._data_start + begin
         return self._mmap[start : self._data_start + end].view(dtype).reshape(shape)
 
+    def read(self, name: str) -> np.ndarray:
+        """A fresh, writable copy of tensor ``name`` read with a plain file read (no memory map)."""
+        dtype, shape, begin, end = self._entry(name)
+        count = (end - begin) // dtype.itemsize
+        out = np.fromfile(self.path, dtype=dtype, count=count, offset=self._data_start + begin)
+        if out.size != count:
+            raise self._corrupt(f"read {out.size} of {count} elements (file truncated?)", name)
+        return out.reshape(shape)
+
     def close(self) -> None:
         """Drop this object's memory map; arrays already returned keep it alive."""
         self._mmap = None
@@ -268,6 +281,10 @@ class CheckpointReader:
 
     def get(self, name: str) -> np.ndarray:
         return self._file_for(name)[0].get(name)
+
+    def read(self, name: str) -> np.ndarray:
+        """A fresh copy of ``name`` read without a memory map (see ``SafetensorsFile.read``)."""
+        return self._file_for(name)[0].read(name)
 
     def close(self) -> None:
         for st in self._files.values():
@@ -391,6 +408,84 @@ def write_sharded(
         "metadata": {"total_size": sum(a.nbytes for a in arrays.values())},
         "weight_map": dict(sorted(weight_map.items())),
     }
+    with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+    return [*files, INDEX_FILE]
+
+
+def write_streaming(
+    directory: str | os.PathLike,
+    entries: Sequence[tuple[str, np.dtype, tuple[int, ...]]],
+    produce: Callable[[str], np.ndarray],
+    max_shard_bytes: int,
+    metadata: Mapping[str, str] | None = None,
+    on_tensor: Callable[[str, int], None] | None = None,
+) -> list[str]:
+    """Write a sharded checkpoint one tensor at a time; returns the file names written.
+
+    ``entries`` lists (name, dtype, shape) in the order to pack them into shards of at most
+    ``max_shard_bytes`` (a larger tensor gets a shard of its own). Each shard's header is computed
+    from the shapes before any data, then ``produce(name)`` is called once per tensor and its
+    bytes appended to the open file, so memory holds one tensor at a time whatever the shard size.
+    Always writes ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if metadata is None:
+        metadata = {"format": "pt"}
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    sized = [(name, np.dtype(dt), tuple(shape)) for name, dt, shape in entries]
+    for name, dt, _ in sized:
+        if dt not in _NAMES:
+            raise TypeError(f"tensor {name!r}: dtype {dt} has no safetensors equivalent")
+    groups: list[list[tuple[str, np.dtype, tuple[int, ...]]]] = [[]]
+    used = 0
+    for entry in sized:
+        nbytes = math.prod(entry[2]) * entry[1].itemsize
+        if groups[-1] and used + nbytes > max_shard_bytes:
+            groups.append([])
+            used = 0
+        groups[-1].append(entry)
+        used += nbytes
+
+    files = [_shard_name(i + 1, len(groups)) for i in range(len(groups))]
+    weight_map: dict[str, str] = {}
+    total = 0
+    for fname, group in zip(files, groups, strict=True):
+        # Larger items first keeps every tensor aligned to its item size (offsets are contiguous).
+        group = sorted(group, key=lambda e: -e[1].itemsize)
+        header: dict[str, object] = {_METADATA_KEY: dict(metadata)} if metadata else {}
+        offset = 0
+        for name, dt, shape in group:
+            nbytes = math.prod(shape) * dt.itemsize
+            header[name] = {
+                "dtype": _NAMES[dt],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        with open(os.path.join(directory, fname), "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for name, dt, shape in group:
+                arr = _prepare(name, produce(name))
+                if arr.dtype != dt or arr.shape != shape:
+                    raise ValueError(
+                        f"tensor {name!r}: produced {arr.dtype}{list(arr.shape)}, "
+                        f"planned {dt}{list(shape)}"
+                    )
+                if arr.size:
+                    f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+                if on_tensor is not None:
+                    on_tensor(name, arr.nbytes)
+                del arr
+        weight_map.update(dict.fromkeys((e[0] for e in group), fname))
+        total += offset
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     with open(os.path.join(directory, INDEX_FILE), "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2)
         f.write("\n")

@@ -1,9 +1,9 @@
 """The training loop behind `deepseek-jax train`.
 
-Mesh and train state (fresh, or restored from the run directory's latest checkpoint onto the
-current mesh), per-process data, the jitted step, held-out evaluation, metrics to
-`metrics.jsonl` and TensorBoard, a progress bar, asynchronous Orbax checkpoints, and a final
-checkpoint on SIGTERM.
+Mesh and train state (fresh, from given weights (`train.init_from`), or restored from the run
+directory's latest checkpoint onto the current mesh), per-process data, the jitted step,
+held-out evaluation, metrics to `metrics.jsonl` and TensorBoard, a progress bar, asynchronous
+Orbax checkpoints, and a final checkpoint on SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from deepseek_jax import sharding
-from deepseek_jax.checkpoint import Checkpointer, abstract_like
+from deepseek_jax.checkpoint import Checkpointer, CheckpointMismatch, abstract_like
 from deepseek_jax.config import Config, to_dict
 from deepseek_jax.data import make_iterator
 from deepseek_jax.train import distributed
 from deepseek_jax.train.flops import measure_peak_flops, train_flops_per_token
-from deepseek_jax.train.step import Trainer
+from deepseek_jax.train.step import Trainer, TrainState
 
 
 def process_rows(batch_sharding, global_rows: int, seq_len: int) -> tuple[int, int]:
@@ -128,6 +128,56 @@ def evaluate(trainer: Trainer, state, make_iter, n_batches: int, global_rows: in
     return total / max(count, 1.0)
 
 
+def state_from_weights(trainer: Trainer, path: str) -> TrainState:
+    """Step 0 and a fresh optimizer around the params and router biases at `path` (a converted
+    directory, a training run or an HF checkpoint), placed directly on the trainer's shardings.
+
+    Raises CheckpointMismatch if their model differs from the run's in anything but dtypes,
+    scan_layers, remat or init_std."""
+    from deepseek_jax.hf.load import is_hf_checkpoint
+    from deepseek_jax.hf.orbax_io import find_source, model_differences, restore
+
+    shapes = jax.eval_shape(trainer.init)
+    sh = trainer.state_shardings
+    abstract = {
+        "params": abstract_like(sh.params, shapes.params),
+        "router_bias": abstract_like(sh.router_bias, shapes.router_bias),
+    }
+    source = None if is_hf_checkpoint(path) else find_source(path, required=True)
+    if source is not None:
+        model = source.model
+    else:  # an HF checkpoint directory
+        from deepseek_jax.hf.load import hf_to_arrays, open_hf, without_absent_mtp
+        from deepseek_jax.hf.safetensors_io import CheckpointReader
+
+        _, model, block = open_hf(path)
+        reader = CheckpointReader(path)
+        model = without_absent_mtp(model, reader)
+    diff = model_differences(model, trainer.cfg.model)
+    if diff:
+        raise CheckpointMismatch(
+            f"train.init_from={path} holds a different model (theirs, this run's): {diff}"
+        )
+    if source is not None:
+        weights = restore(source, abstract)
+    else:
+        with reader:
+            arrays = hf_to_arrays(model, reader, block)
+        weights = {
+            "params": _select(arrays, abstract["params"]),
+            "router_bias": _select(arrays, abstract["router_bias"]),
+        }
+        weights = jax.tree.map(
+            lambda a, s: jax.device_put(np.asarray(a, s.dtype), s.sharding), weights, abstract
+        )
+    return trainer.state_from_params(weights["params"], weights["router_bias"])
+
+
+def _select(tree: dict, like: dict) -> dict:
+    """The subtree of `tree` with the keys of `like`."""
+    return {k: _select(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in like.items()}
+
+
 def train(cfg: Config, log: Callable[[str], None] | None = None) -> list[dict]:
     """Run (or resume) training up to cfg.train.steps; returns the metrics logged by this call
     (also appended to <run_dir>/metrics.jsonl)."""
@@ -152,6 +202,11 @@ def train(cfg: Config, log: Callable[[str], None] | None = None) -> list[dict]:
         state = ckpt.restore(abstract, cfg, train_iter)
         start = int(jax.device_get(state.step))
         log(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
+        if tc.init_from:
+            log(f"train.init_from={tc.init_from} ignored: resuming takes precedence")
+    elif tc.init_from:
+        state, start = state_from_weights(trainer, tc.init_from), 0
+        log(f"starting from the weights in {tc.init_from} (fresh optimizer, step 0)")
     else:
         state, start = trainer.init(), 0
     if is_main:

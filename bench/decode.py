@@ -1,0 +1,153 @@
+"""Decode speed: the latent KV cache against recomputing the full forward pass for every new
+token, and MTP speculative decoding against plain decoding, on a trained tiny model.
+
+    python bench/decode.py                       # trains runs/bench-tiny first if it is empty
+    python bench/decode.py --checkpoint runs/tiny --batch 8 --new-tokens 128
+
+Prints tokens/s of each method (compilation excluded: every jitted function runs once before
+it is timed, then the best of --repeats runs counts), the MTP draft's acceptance rate, and the
+cache's bytes per token against a cache of expanded keys and values. Figures on a CPU say
+little about an accelerator; compare methods with each other, on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_jax.config import load_config
+from deepseek_jax.generate import (
+    bytes_per_token,
+    expanded_bytes_per_token,
+    generate,
+    speculative_generate,
+)
+from deepseek_jax.generate.text import load_for_generation, training_step_dir
+
+
+def trained_tiny(run_dir: str, steps: int) -> str:
+    """A run directory with a trained tiny model (the default main job), trained if empty."""
+    if training_step_dir(run_dir) is None:
+        from deepseek_jax.train.loop import train
+
+        print(f"# training tiny for {steps} steps into {run_dir} ...", flush=True)
+        cfg = load_config(
+            "tiny",
+            [f"train.run_dir={run_dir}", f"train.steps={steps}", "train.progress_bar=false"],
+        )
+        train(cfg, log=lambda _: None)
+    return run_dir
+
+
+def full_recompute(model, prompts_bt: np.ndarray, new_tokens: int):
+    """Greedy decoding that runs the whole forward pass over the whole buffer for every new
+    token (no cache): the baseline a KV cache exists to beat."""
+    graphdef, state = nnx.split(model)
+    b, p = prompts_bt.shape
+
+    @jax.jit
+    def run(state, buf_bt):
+        m = nnx.merge(graphdef, state)
+
+        def body(i, buf_bt):
+            logits_btv = m(buf_bt)
+            nxt_b = jnp.argmax(logits_btv[:, p - 1 + i], axis=-1).astype(jnp.int32)
+            return jax.lax.dynamic_update_slice_in_dim(buf_bt, nxt_b[:, None], p + i, axis=1)
+
+        return jax.lax.fori_loop(0, new_tokens, body, buf_bt)
+
+    buf = np.zeros((b, p + new_tokens), np.int32)
+    buf[:, :p] = prompts_bt
+    return lambda: np.asarray(run(state, jnp.asarray(buf))[:, p:])
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    out = fn()  # compile and warm up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="runs/bench-tiny", help="trained if empty")
+    parser.add_argument("--train-steps", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+
+    path = args.checkpoint
+    if not os.path.exists(os.path.join(path, "config.json")):
+        path = trained_tiny(path, args.train_steps)
+    model, tokenizer = load_for_generation(path)
+    cfg = model.cfg
+    print(
+        f"# {jax.devices()[0].platform}, checkpoint {path}, batch {args.batch}, prompt "
+        f"{args.prompt_len} tokens, {args.new_tokens} new tokens per row, greedy"
+    )
+
+    # Prompts: consecutive slices of this file's own text (what the tiny model saw in training).
+    ids = tokenizer.encode(open(__file__).read())
+    step = max(1, (len(ids) - args.prompt_len) // args.batch)
+    prompts = [ids[i * step : i * step + args.prompt_len] for i in range(args.batch)]
+    prompts_bt = np.asarray(prompts, np.int32)
+    n_new = args.batch * args.new_tokens
+    key = jax.random.key(0)
+
+    t_full, full_out = timed(
+        lambda: full_recompute(model, prompts_bt, args.new_tokens)(), args.repeats
+    )
+    t_cache, cache_out = timed(
+        lambda: generate(model, prompts, args.new_tokens, key=key), args.repeats
+    )
+    same = np.array_equal(np.asarray(cache_out), full_out)
+    print(f"full forward per token : {n_new / t_full:10.1f} tokens/s")
+    print(
+        f"latent KV cache        : {n_new / t_cache:10.1f} tokens/s  "
+        f"({t_full / t_cache:.2f}x; same tokens: {same})"
+    )
+
+    if cfg.mtp.depth:
+        t_spec, (spec_out, stats) = timed(
+            lambda: speculative_generate(model, prompts, args.new_tokens, key=key),
+            args.repeats,
+        )
+        same = spec_out == cache_out
+        print(
+            f"MTP speculative        : {n_new / t_spec:10.1f} tokens/s  "
+            f"({t_cache / t_spec:.2f}x over the cache alone; same tokens: {same})"
+        )
+        print(
+            f"MTP draft acceptance   : {stats['acceptance_rate']:.3f} "
+            f"({stats['accepted']}/{stats['drafted']} drafts, "
+            f"{stats['main_forward_calls']} main-model calls for {args.new_tokens} tokens)"
+        )
+    else:
+        print("MTP speculative        : skipped (the checkpoint has no MTP module)")
+
+    for name, c in (
+        ("this model", cfg),
+        ("deepseek-v3-671b", load_config("deepseek-v3-671b").model),
+    ):
+        lat, full = bytes_per_token(c, jnp.bfloat16), expanded_bytes_per_token(c, jnp.bfloat16)
+        print(
+            f"cache bytes/token bf16 : {lat:>9,} latent vs {full:>11,} expanded K/V "
+            f"({full / lat:.1f}x smaller) [{name}]"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
