@@ -30,6 +30,7 @@ from deepseek_jax.generate import (
     speculative_generate,
 )
 from deepseek_jax.generate.text import load_for_generation, training_step_dir
+from deepseek_jax.hf.load import is_hf_checkpoint
 
 
 def trained_tiny(run_dir: str, steps: int) -> str:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     path = args.checkpoint
-    if not os.path.exists(os.path.join(path, "config.json")):
+    if not is_hf_checkpoint(path) and not os.path.exists(os.path.join(path, "deepseek_jax.json")):
         path = trained_tiny(path, args.train_steps)
     model, tokenizer = load_for_generation(path)
     cfg = model.cfg

@@ -375,6 +375,31 @@ def test_init_from_converted_checkpoint(trained_run, tmp_path):
         train(other, log=lambda _: None)
 
 
+def test_generate_command_on_a_training_run(trained_run, capsys):
+    """`deepseek-jax generate RUN_DIR` finds the newest checkpoint and the byte tokenizer the
+    run saved in its config; --speculative (MTP drafts) prints the same greedy text."""
+    from deepseek_jax.cli import main
+    from deepseek_jax.data.tokenizer import ByteTokenizer
+    from deepseek_jax.generate import generate
+
+    run, _ = trained_run
+    argv = ["generate", str(run), "--prompt", "def main(", "--prompt", "import", "--ignore-eos"]
+    assert main([*argv, "--max-new-tokens", "12"]) == 0
+    plain = capsys.readouterr().out.splitlines()
+    assert main([*argv, "--max-new-tokens", "12", "--speculative"]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines() == plain
+    assert "MTP drafts accepted" in out.err
+    tok = ByteTokenizer()
+    new = generate(
+        deepseek_jax.load(run),
+        [tok.encode("def main("), tok.encode("import")],
+        12,
+        key=jax.random.key(0),
+    )
+    assert plain == ["def main(" + tok.decode(new[0]), "import" + tok.decode(new[1])]
+
+
 # --- Memory ----------------------------------------------------------------------------------
 
 MEM_CONFIG = dict(
