@@ -13,7 +13,6 @@ little about an accelerator; compare methods with each other, on the same machin
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -29,13 +28,14 @@ from deepseek_jax.generate import (
     generate,
     speculative_generate,
 )
-from deepseek_jax.generate.text import load_for_generation, training_step_dir
+from deepseek_jax.generate.text import load_for_generation
 from deepseek_jax.hf.load import is_hf_checkpoint
+from deepseek_jax.hf.orbax_io import find_source
 
 
 def trained_tiny(run_dir: str, steps: int) -> str:
     """A run directory with a trained tiny model (the default main job), trained if empty."""
-    if training_step_dir(run_dir) is None:
+    if find_source(run_dir, required=False) is None:
         from deepseek_jax.train.loop import train
 
         print(f"# training tiny for {steps} steps into {run_dir} ...", flush=True)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     path = args.checkpoint
-    if not is_hf_checkpoint(path) and not os.path.exists(os.path.join(path, "deepseek_jax.json")):
+    if not is_hf_checkpoint(path):
         path = trained_tiny(path, args.train_steps)
     model, tokenizer = load_for_generation(path)
     cfg = model.cfg

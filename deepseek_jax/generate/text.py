@@ -28,25 +28,6 @@ from deepseek_jax.generate.loop import generate
 from deepseek_jax.generate.speculative import speculative_generate
 
 
-def training_step_dir(path: str | os.PathLike) -> str | None:
-    """The checkpoint step folder `path` names (a run dir, its checkpoints/ dir or one step),
-    the newest complete step where there are several; None if `path` is not a training run."""
-    path = os.fspath(path)
-    if os.path.isfile(os.path.join(path, "config", "metadata")):
-        return path
-    for folder in (os.path.join(path, "checkpoints"), path):
-        if not os.path.isdir(folder):
-            continue
-        steps = [
-            int(n)
-            for n in os.listdir(folder)
-            if n.isdigit() and os.path.isfile(os.path.join(folder, n, "commit_success.txt"))
-        ]
-        if steps:
-            return os.path.join(folder, str(max(steps)))
-    return None
-
-
 def load_tokenizer(path: str | os.PathLike, model_cfg, tokenizer: str | None = None) -> Tokenizer:
     """The tokenizer for the checkpoint at `path` (see the module docstring for the order)."""
     path = os.fspath(path)
@@ -59,12 +40,15 @@ def load_tokenizer(path: str | os.PathLike, model_cfg, tokenizer: str | None = N
     elif os.path.isfile(os.path.join(path, "tokenizer.json")):
         tok = HFTokenizer(os.path.join(path, "tokenizer.json"))
     else:
-        step = training_step_dir(path)
-        if step is None:
+        from deepseek_jax.hf.orbax_io import find_source
+
+        source = find_source(path, required=False)
+        if source is None or source.kind != "training":
             raise FileNotFoundError(
                 f"no tokenizer.json in {path} and no training config beside it: pass "
                 "--tokenizer (a tokenizer.json path, or 'byte')"
             )
+        step = os.path.dirname(source.arrays_dir)
         with open(os.path.join(step, "config", "metadata")) as f:
             saved = config_from_dict(json.load(f))
         tok = make_tokenizer(saved.data)
