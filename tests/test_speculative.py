@@ -150,6 +150,25 @@ def test_greedy_speculative_equals_generate(model, greedy):
     assert stats["new_tokens"] == sum(len(g) for g in want)
 
 
+def test_greedy_speculative_on_a_mesh(model, greedy):
+    """(data=2, expert=4) with the ep rules: weights placed as in training, rows and both
+    caches over `data` (3 prompts padded with an empty row), MoE expert-parallel. Same tokens
+    as plain greedy on one device, and the same draft counts as one device (the empty row
+    drafts nothing)."""
+    from deepseek_jax import sharding
+    from deepseek_jax.config import MeshConfig
+
+    cpus = jax.devices("cpu")
+    if len(cpus) < 8:
+        pytest.skip("needs 8 CPU devices (--xla_force_host_platform_device_count=8)")
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, expert=4, tensor=1), cpus[:8])
+    sh = sharding.Sharding(mesh, sharding.rules_for("ep"))
+    got, stats = speculative_generate(model, PROMPTS, MAX_NEW, key=KEY, mesh_sharding=sh)
+    assert got == greedy
+    counts = ("drafted", "accepted", "main_forward_calls")
+    assert {k: stats[k] for k in counts} == replay_stats(model, PROMPTS, got)
+
+
 def test_sampling_speculative_runs_and_is_reproducible(model):
     kwargs = dict(temperature=1.0, top_k=20, top_p=0.9)
     a, stats_a = speculative_generate(model, PROMPTS, 8, key=jax.random.key(3), **kwargs)

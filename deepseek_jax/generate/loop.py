@@ -110,7 +110,7 @@ def _decode(
         cache,
         first_b,
         out_bn,
-        is_eos(first_b),
+        is_eos(first_b) | (prompt_lengths_b == 0),  # empty rows pad the batch for a mesh
         jnp.ones((b,), jnp.int32),
     )
 
@@ -165,13 +165,7 @@ def generate(
         raise ValueError("generate needs at least one prompt and no empty prompts")
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
-    prompts_bt, lengths_b = pad_prompts(prompts, mesh_sharding)
-    graphdef, state = nnx.split(model)
-    if mesh_sharding is not None:
-        state = jax.device_put(state, sharding.state_shardings(state, mesh_sharding))
-        rows = mesh_sharding.named(("batch", None))
-        prompts_bt = jax.device_put(prompts_bt, rows)
-        lengths_b = jax.device_put(lengths_b, mesh_sharding.named(("batch",)))
+    graphdef, state, prompts_bt, lengths_b = batch_inputs(model, prompts, mesh_sharding)
     out_bn, counts_b = _generate_jit(
         graphdef,
         state,
@@ -190,18 +184,28 @@ def generate(
     return [out_bn[b, : counts_b[b]].tolist() for b in range(len(prompts))]
 
 
-def pad_prompts(
-    prompts: list[list[int]], mesh_sharding: sharding.Sharding | None = None
-) -> tuple[jax.Array, jax.Array]:
-    """Right-padded prompts [B, P] and their lengths [B]. With a mesh, B is rounded up to a
-    multiple of the batch axes' size with extra one-token rows (their output is dropped)."""
+def batch_inputs(
+    model: nnx.Module, prompts: list[list[int]], mesh_sharding: sharding.Sharding | None = None
+) -> tuple[nnx.GraphDef, nnx.State, jax.Array, jax.Array]:
+    """(graphdef, state, right-padded prompts [B, P], prompt lengths [B]) for a decode jit.
+
+    With a mesh, the weights are placed by its rules and rows over the batch axes; B is rounded
+    up to a multiple of the batch axes' size with empty rows (length 0: done from the start,
+    output dropped).
+    """
     rows = len(prompts)
     if mesh_sharding is not None:
         split = mesh_sharding.axis_size("batch")
         rows = -(-rows // split) * split
-    lengths = np.ones((rows,), np.int32)
+    lengths = np.zeros((rows,), np.int32)
     lengths[: len(prompts)] = [len(p) for p in prompts]
     padded = np.zeros((rows, int(lengths.max())), np.int32)
     for row, p in zip(padded, prompts, strict=False):
         row[: len(p)] = p
-    return jnp.asarray(padded), jnp.asarray(lengths)
+    graphdef, state = nnx.split(model)
+    prompts_bt, lengths_b = jnp.asarray(padded), jnp.asarray(lengths)
+    if mesh_sharding is not None:
+        state = jax.device_put(state, sharding.state_shardings(state, mesh_sharding))
+        prompts_bt = jax.device_put(prompts_bt, mesh_sharding.named(("batch", None)))
+        lengths_b = jax.device_put(lengths_b, mesh_sharding.named(("batch",)))
+    return graphdef, state, prompts_bt, lengths_b

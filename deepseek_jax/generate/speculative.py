@@ -44,8 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepseek_jax import sharding
 from deepseek_jax.generate.cache import init_cache
 from deepseek_jax.generate.decode import forward_with_cache, mtp_with_cache
+from deepseek_jax.generate.loop import batch_inputs, shard_cache
 from deepseek_jax.generate.sampling import filter_logits, sample
 from deepseek_jax.model.mtp import shift_tokens
 
@@ -111,9 +113,41 @@ def verify_drafts(
         "top_p",
         "eos_id",
         "cache_dtype",
+        "mesh_sharding",
     ),
 )
 def _speculative_jit(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompts_bt: jax.Array,
+    prompt_lengths_b: jax.Array,
+    key: jax.Array,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    eos_id: int | None,
+    cache_dtype,
+    mesh_sharding: sharding.Sharding | None,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    with sharding.use(mesh_sharding):
+        return _speculative(
+            graphdef,
+            state,
+            prompts_bt,
+            prompt_lengths_b,
+            key,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_id=eos_id,
+            cache_dtype=cache_dtype,
+        )
+
+
+def _speculative(
     graphdef: nnx.GraphDef,
     state: nnx.State,
     prompts_bt: jax.Array,
@@ -133,15 +167,15 @@ def _speculative_jit(
     n, k = max_new_tokens, N_DRAFT
     rows_b, slots_k1 = jnp.arange(b), jnp.arange(k + 1)
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    cache = init_cache(model.cfg, b, p + n + k, cache_dtype)
-    mtp_cache = init_cache(model.cfg, b, p + n + k, cache_dtype, layers=1)
+    cache = shard_cache(init_cache(model.cfg, b, p + n + k, cache_dtype))
+    mtp_cache = shard_cache(init_cache(model.cfg, b, p + n + k, cache_dtype, layers=1))
 
     def draft(m, h_btd, next_bt, chunk_lengths_b, mtp_cache, key):
         """Run MTP over committed pairs; draft from the last one. ([B,K], [B,K,V], cache)."""
         _, logits_btv, mtp_cache = mtp_with_cache(m, h_btd, next_bt, mtp_cache, chunk_lengths_b)
         last_b = jnp.clip(chunk_lengths_b - 1, 0, next_bt.shape[1] - 1)
         q_bv = logits_btv[rows_b, last_b]
-        return sample(q_bv, key, **settings)[:, None], q_bv[:, None], mtp_cache
+        return sample(q_bv, key, **settings)[:, None], q_bv[:, None], shard_cache(mtp_cache)
 
     # Prefill: main over the prompt, first token, then MTP over (h_i, x_{i+1}) for i < P.
     logits_btv, cache, h_btd = forward_with_cache(
@@ -174,7 +208,10 @@ def _speculative_jit(
         q_bkv=q_bkv,
         out_bn=jnp.zeros((b, n), jnp.int32).at[:, 0].set(first_b),
         counts_b=jnp.ones((b,), jnp.int32),
-        done_b=stops(first_b[:, None], jnp.ones((b, 1), bool))[0] | (n <= 1),
+        # Empty rows (padding the batch for a mesh) are done from the start.
+        done_b=stops(first_b[:, None], jnp.ones((b, 1), bool))[0]
+        | (n <= 1)
+        | (prompt_lengths_b == 0),
         drafted=jnp.int32(0),
         accepted=jnp.int32(0),
     )
@@ -202,7 +239,7 @@ def _speculative_jit(
             slots_k1[None] < accepted_b[:, None], drafts_then_next_bk1, next_b[:, None]
         )
         # 3. Roll back: keep x_{n-1} and the accepted drafts in the main cache.
-        cache = cache.replace(lengths_b=before_b + new_b)
+        cache = shard_cache(cache.replace(lengths_b=before_b + new_b))
 
         # Output: new tokens up to EOS (inclusive) and the token budget.
         emitted_bk1 = slots_k1[None] < new_b[:, None]
@@ -244,13 +281,15 @@ def speculative_generate(
     top_p: float = 1.0,
     eos_id: int | None = None,
     cache_dtype=jnp.float32,
+    mesh_sharding: sharding.Sharding | None = None,
 ) -> tuple[list[list[int]], dict[str, float]]:
     """Like `generate` (same arguments, same output distribution; greedy gives the same tokens),
     with MTP module 1 drafting one token per main forward call.
 
     Returns (each prompt's new tokens, stats): drafted and accepted draft tokens,
     acceptance_rate = accepted / drafted, main_forward_calls (prefill included; plain
-    `generate` needs one per new token of the longest row) and new_tokens.
+    `generate` needs one per new token of the longest row) and new_tokens. `mesh_sharding`
+    places weights, rows and caches as in `generate`.
     """
     if getattr(model, "mtp", None) is None:
         raise ValueError("speculative_generate needs a model with MTP modules (mtp.depth >= 1)")
@@ -259,16 +298,12 @@ def speculative_generate(
     if max_new_tokens <= 0:
         stats = dict(drafted=0, accepted=0, acceptance_rate=0.0, main_forward_calls=0)
         return [[] for _ in prompts], {**stats, "new_tokens": 0}
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    padded = np.zeros((len(prompts), int(lengths.max())), np.int32)
-    for row, p in zip(padded, prompts, strict=True):
-        row[: len(p)] = p
-    graphdef, state = nnx.split(model)
+    graphdef, state, prompts_bt, lengths_b = batch_inputs(model, prompts, mesh_sharding)
     out_bn, counts_b, counters = _speculative_jit(
         graphdef,
         state,
-        jnp.asarray(padded),
-        jnp.asarray(lengths),
+        prompts_bt,
+        lengths_b,
         key,
         max_new_tokens=int(max_new_tokens),
         temperature=float(temperature),
@@ -276,8 +311,9 @@ def speculative_generate(
         top_p=float(top_p),
         eos_id=None if eos_id is None else int(eos_id),
         cache_dtype=jnp.dtype(cache_dtype),
+        mesh_sharding=mesh_sharding,
     )
-    out_bn, counts_b = np.asarray(out_bn), np.asarray(counts_b)
+    out_bn, counts_b = np.asarray(out_bn), np.asarray(counts_b)[: len(prompts)]
     stats = {name: int(v) for name, v in counters.items()}
     stats["acceptance_rate"] = stats["accepted"] / max(stats["drafted"], 1)
     stats["new_tokens"] = int(counts_b.sum())

@@ -121,9 +121,9 @@ def generate_text(
         cache_dtype=cache_dtype,
     )
     if speculative:
-        if mesh_sharding is not None:
-            raise ValueError("speculative decoding runs on one device (no mesh_sharding yet)")
-        new, counts = speculative_generate(model, ids, max_new_tokens, **sampling)
+        new, counts = speculative_generate(
+            model, ids, max_new_tokens, mesh_sharding=mesh_sharding, **sampling
+        )
         if stats is not None:
             stats.update(counts)
     else:
