@@ -69,6 +69,37 @@ def full_recompute(model, prompts_bt: np.ndarray, new_tokens: int):
     return lambda: np.asarray(run(state, jnp.asarray(buf))[:, p:])
 
 
+def call_costs(model, prompts_bt: np.ndarray, repeats: int) -> dict[str, float]:
+    """Seconds per call, on a cache holding the prompts: the main model over a 1-token chunk
+    (a plain decode step) and a 2-token chunk (a speculative verify), and MTP module 1 over a
+    2-token chunk (a draft). Speculative decoding pays off when (verify + draft) costs less
+    than (1 + acceptance rate) plain steps."""
+    from deepseek_jax.generate import forward_with_cache, init_cache, mtp_with_cache
+
+    graphdef, state = nnx.split(model)
+    b, p = prompts_bt.shape
+    cfg = model.cfg
+    main = jax.jit(lambda s, c, t: forward_with_cache(nnx.merge(graphdef, s), t, c)[0])
+    cache = jax.jit(lambda s, c, t: forward_with_cache(nnx.merge(graphdef, s), t, c)[1])(
+        state, init_cache(cfg, b, p + 8, jnp.float32), jnp.asarray(prompts_bt)
+    )
+    out = {}
+    for width in (1, 2):
+        tokens = jnp.ones((b, width), jnp.int32)
+        out[f"main_{width}"] = timed(
+            lambda t=tokens: main(state, cache, t).block_until_ready(), repeats
+        )[0]
+    if cfg.mtp.depth:
+        mtp_cache = init_cache(cfg, b, p + 8, jnp.float32, layers=1)
+        h = jnp.zeros((b, 2, cfg.hidden_size), jnp.float32)
+        draft = jax.jit(lambda s, c, h, t: mtp_with_cache(nnx.merge(graphdef, s), h, t, c)[1])
+        tokens = jnp.ones((b, 2), jnp.int32)
+        out["mtp_2"] = timed(
+            lambda: draft(state, mtp_cache, h, tokens).block_until_ready(), repeats
+        )[0]
+    return out
+
+
 def timed(fn, repeats: int) -> tuple[float, object]:
     out = fn()  # compile and warm up
     best = float("inf")
@@ -137,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         print("MTP speculative        : skipped (the checkpoint has no MTP module)")
+    costs = call_costs(model, prompts_bt, max(args.repeats, 10))
+    line = (
+        f"per call (ms)          : decode step {1e3 * costs['main_1']:.2f}, "
+        f"2-token verify {1e3 * costs['main_2']:.2f} "
+        f"({costs['main_2'] / costs['main_1']:.2f}x)"
+    )
+    if "mtp_2" in costs:
+        line += f", MTP draft {1e3 * costs['mtp_2']:.2f}"
+    print(line)
 
     for name, c in (
         ("this model", cfg),
