@@ -22,50 +22,20 @@ from deepseek_jax.generate.cache import LatentCache, init_cache
 from deepseek_jax.generate.decode import forward_with_cache
 from deepseek_jax.generate.sampling import sample
 
+# Keyword settings of the decode functions: static under jit (one compilation per value).
+SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "cache_dtype")
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "graphdef",
-        "max_new_tokens",
-        "temperature",
-        "top_k",
-        "top_p",
-        "eos_id",
-        "cache_dtype",
-        "mesh_sharding",
-    ),
-)
-def _generate_jit(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    prompts_bt: jax.Array,
-    prompt_lengths_b: jax.Array,
-    key: jax.Array,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    eos_id: int | None,
-    cache_dtype,
-    mesh_sharding: sharding.Sharding | None,
-) -> tuple[jax.Array, jax.Array]:
-    """(new tokens [B, max_new_tokens] int32, number produced per row [B] int32)."""
-    with sharding.use(mesh_sharding):
-        return _decode(
-            graphdef,
-            state,
-            prompts_bt,
-            prompt_lengths_b,
-            key,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_id=eos_id,
-            cache_dtype=cache_dtype,
-        )
+
+def decode_jit(fn):
+    """`jax.jit` of `fn(graphdef, state, *arrays, **settings)`, traced inside
+    `sharding.use(mesh_sharding)` so that the model sees the mesh; graphdef, the settings and
+    `mesh_sharding` (a keyword, default None) are static."""
+
+    def traced(graphdef, state, *arrays, mesh_sharding=None, **settings):
+        with sharding.use(mesh_sharding):
+            return fn(graphdef, state, *arrays, **settings)
+
+    return jax.jit(traced, static_argnums=0, static_argnames=(*SETTINGS, "mesh_sharding"))
 
 
 def shard_cache(cache: LatentCache) -> LatentCache:
@@ -78,19 +48,20 @@ def shard_cache(cache: LatentCache) -> LatentCache:
 
 
 def _decode(
-    graphdef,
-    state,
-    prompts_bt,
-    prompt_lengths_b,
-    key,
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    prompts_bt: jax.Array,
+    prompt_lengths_b: jax.Array,
+    key: jax.Array,
     *,
-    max_new_tokens,
-    temperature,
-    top_k,
-    top_p,
-    eos_id,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    eos_id: int | None,
     cache_dtype,
-):
+) -> tuple[jax.Array, jax.Array]:
+    """(new tokens [B, max_new_tokens] int32, number produced per row [B] int32)."""
     model = nnx.merge(graphdef, state)
     b, p = prompts_bt.shape
     cache = shard_cache(init_cache(model.cfg, b, p + max_new_tokens, cache_dtype))
@@ -136,6 +107,9 @@ def _decode(
 
     _, _, _, out_bn, _, counts_b = jax.lax.while_loop(cond, body, carry)
     return out_bn, counts_b
+
+
+_generate_jit = decode_jit(_decode)
 
 
 def generate(

@@ -37,8 +37,6 @@ sized prompt + max_new_tokens + drafts).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,7 +45,7 @@ from flax import nnx
 from deepseek_jax import sharding
 from deepseek_jax.generate.cache import init_cache
 from deepseek_jax.generate.decode import forward_with_cache, mtp_with_cache
-from deepseek_jax.generate.loop import batch_inputs, shard_cache
+from deepseek_jax.generate.loop import batch_inputs, decode_jit, shard_cache
 from deepseek_jax.generate.sampling import filter_logits, sample
 from deepseek_jax.model.mtp import shift_tokens
 
@@ -101,50 +99,6 @@ def verify_drafts(
     dist_bv = jnp.where(resid_bv.sum(-1, keepdims=True) > 0, resid_bv, p_bv)
     next_b = jax.random.categorical(key_next, jnp.log(dist_bv), axis=-1).astype(jnp.int32)
     return accepted_b, next_b
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "graphdef",
-        "max_new_tokens",
-        "temperature",
-        "top_k",
-        "top_p",
-        "eos_id",
-        "cache_dtype",
-        "mesh_sharding",
-    ),
-)
-def _speculative_jit(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    prompts_bt: jax.Array,
-    prompt_lengths_b: jax.Array,
-    key: jax.Array,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    eos_id: int | None,
-    cache_dtype,
-    mesh_sharding: sharding.Sharding | None,
-) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    with sharding.use(mesh_sharding):
-        return _speculative(
-            graphdef,
-            state,
-            prompts_bt,
-            prompt_lengths_b,
-            key,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_id=eos_id,
-            cache_dtype=cache_dtype,
-        )
 
 
 def _speculative(
@@ -268,6 +222,9 @@ def _speculative(
     c = jax.lax.while_loop(cond, body, carry)
     stats = dict(drafted=c["drafted"], accepted=c["accepted"], main_forward_calls=c["step"])
     return c["out_bn"], c["counts_b"], stats
+
+
+_speculative_jit = decode_jit(_speculative)
 
 
 def speculative_generate(
