@@ -50,13 +50,34 @@ def _plot(args: argparse.Namespace) -> int:
     return plot_command(args.run_dir, args.out)
 
 
+def _mesh_sharding(spec: str, rules: str):
+    """A Sharding from `data=2,expert=4` (unnamed axes keep MeshConfig's defaults)."""
+    from deepseek_jax import sharding
+    from deepseek_jax.config import MeshConfig
+
+    sizes = {}
+    for item in spec.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in sharding.MESH_AXES or not value.strip().lstrip("-").isdigit():
+            raise ConfigError(
+                f"--mesh {spec!r}: expected AXIS=SIZE pairs over {', '.join(sharding.MESH_AXES)}"
+            )
+        sizes[name.strip()] = int(value)
+    mesh_cfg = MeshConfig(**sizes, rules=rules)
+    return sharding.Sharding(sharding.make_mesh(mesh_cfg), sharding.rules_for(mesh_cfg.rules))
+
+
 def _generate(args: argparse.Namespace) -> int:
     from deepseek_jax.generate.text import generate_text, load_for_generation
 
     if not args.prompt:
         raise ConfigError("give at least one --prompt")
+    mesh_sharding = _mesh_sharding(args.mesh, args.rules) if args.mesh else None
     model, tokenizer = load_for_generation(
-        args.checkpoint, tokenizer=args.tokenizer, compute_dtype=args.dtype
+        args.checkpoint,
+        tokenizer=args.tokenizer,
+        compute_dtype=args.dtype,
+        mesh_sharding=mesh_sharding,
     )
     if args.speculative and not model.cfg.mtp.depth:
         raise ConfigError(f"{args.checkpoint} has no MTP module to draft with: drop --speculative")
@@ -73,6 +94,7 @@ def _generate(args: argparse.Namespace) -> int:
         stop_at_eos=not args.ignore_eos,
         speculative=args.speculative,
         stats=stats,
+        mesh_sharding=mesh_sharding,
     )
     for prompt, text in zip(args.prompt, outputs, strict=True):
         print(prompt + text)
@@ -120,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the checkpoint's)")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     gen.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
+    gen.add_argument(
+        "--mesh",
+        metavar="AXIS=N,...",
+        help="shard the model over a device mesh, e.g. data=2,expert=4,fsdp=1",
+    )
+    gen.add_argument("--rules", default="ep", choices=["dp", "fsdp", "ep", "ep_fsdp"])
     gen.add_argument("--speculative", action="store_true", help="draft tokens with the MTP module")
     gen.set_defaults(func=_generate)
     add_convert_parser(sub)

@@ -398,6 +398,31 @@ def test_generate_command_on_a_training_run(trained_run, capsys):
         key=jax.random.key(0),
     )
     assert plain == ["def main(" + tok.decode(new[0]), "import" + tok.decode(new[1])]
+    # Sharded: weights restored shard by shard onto (data=2, expert=4), experts split over
+    # `expert`; the same text, plain and speculative.
+    mesh = ["--mesh", "data=2,expert=4,fsdp=1", "--rules", "ep"]
+    assert main([*argv, "--max-new-tokens", "12", *mesh, "--speculative"]) == 0
+    assert capsys.readouterr().out.splitlines() == plain
+    assert main([*argv, "--mesh", "data=2,bogus=4"]) == 2
+    assert "AXIS=SIZE" in capsys.readouterr().err
+
+
+def test_load_restores_shards_onto_a_mesh(trained_run):
+    from deepseek_jax import sharding
+    from deepseek_jax.config import MeshConfig
+
+    run, _ = trained_run
+    mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, expert=4), jax.devices()[:8])
+    sh = sharding.Sharding(mesh, sharding.rules_for("ep"))
+    model = deepseek_jax.load(run, mesh_sharding=sh)
+    gate = model.moe_layers.ffn.gate_EDF[...]
+    assert gate.sharding.spec[1] == "expert"  # [L, E, D, F]: experts split over `expert`
+    assert {s.data.shape[1] for s in gate.addressable_shards} == {gate.shape[1] // 4}
+    reference = deepseek_jax.load(run)
+    tokens = np.random.default_rng(1).integers(0, 320, size=(2, 16)).astype(np.int32)
+    np.testing.assert_allclose(
+        our_logits(model, tokens), our_logits(reference, tokens), atol=1e-5, rtol=0
+    )
 
 
 # --- Memory ----------------------------------------------------------------------------------

@@ -61,11 +61,16 @@ def load_for_generation(
     *,
     tokenizer: str | None = None,
     compute_dtype: str = "float32",
+    mesh_sharding=None,
 ):
-    """(model, tokenizer) of a checkpoint: Hugging Face, converted Orbax, or a training run."""
+    """(model, tokenizer) of a checkpoint: Hugging Face, converted Orbax, or a training run.
+    With `mesh_sharding` the weights are loaded onto its mesh (see `deepseek_jax.load`); pass
+    the same `mesh_sharding` to `generate_text`."""
     from deepseek_jax.hf.load import load
 
-    model = load(path, compute_dtype=compute_dtype, param_dtype=compute_dtype)
+    model = load(
+        path, compute_dtype=compute_dtype, param_dtype=compute_dtype, mesh_sharding=mesh_sharding
+    )
     return model, load_tokenizer(path, model.cfg, tokenizer)
 
 

@@ -175,10 +175,15 @@ def load(
     compute_dtype: str = "float32",
     param_dtype: str = "float32",
     scan_layers: bool = True,
+    mesh_sharding=None,
 ) -> DeepSeek:
     """A DeepSeek model with the weights at `path`: an HF checkpoint directory (config.json plus
     safetensors), a directory written by `hf_to_orbax`, or a training run directory, its
     `checkpoints/` directory or one step directory (the newest step is used).
+
+    `mesh_sharding` (a `deepseek_jax.sharding.Sharding`) places the weights on its mesh by its
+    rules. Orbax checkpoints are restored shard by shard; HF checkpoints are read into host
+    memory first (convert them with `hf_to_orbax` to load models larger than one host).
 
     `m(tokens)` on int tokens [B, T] returns the main logits [B, T, V]; `m.forward` also returns
     MTP logits and routing statistics.
@@ -189,12 +194,18 @@ def load(
         from deepseek_jax.hf.orbax_io import find_source, load_orbax
 
         if find_source(path, required=False) is not None:
-            return load_orbax(path, **overrides)
+            return load_orbax(path, **overrides, mesh_sharding=mesh_sharding)
     _, cfg, block = open_hf(path, **overrides)
     with CheckpointReader(path) as reader:
         cfg = without_absent_mtp(cfg, reader)
         arrays = hf_to_arrays(cfg, reader, block)
-    return from_arrays(cfg, arrays)
+    model = from_arrays(cfg, arrays)
+    if mesh_sharding is not None:
+        from deepseek_jax.sharding import state_shardings
+
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh_sharding)))
+    return model
 
 
 def from_arrays(cfg: ModelConfig, arrays: dict) -> DeepSeek:

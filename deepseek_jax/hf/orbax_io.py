@@ -304,12 +304,19 @@ def load_orbax(
     compute_dtype: str = "float32",
     param_dtype: str = "float32",
     scan_layers: bool = True,
+    mesh_sharding=None,
 ):
-    """A DeepSeek model from a converted directory or a training run (see `find_source`)."""
+    """A DeepSeek model from a converted directory or a training run (see `find_source`).
+
+    With `mesh_sharding` (a `deepseek_jax.sharding.Sharding`), every array is restored straight
+    into its shards on the mesh, placed by the rules as in training: no host ever holds a
+    whole stacked array, which is what lets a model larger than one host's memory load."""
     source = find_source(path)
     cfg = replace(
         source.model, compute_dtype=compute_dtype, param_dtype=param_dtype, scan_layers=scan_layers
     )
+    if mesh_sharding is not None:
+        return _load_sharded(source, cfg, mesh_sharding)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     flat: dict[str, dict] = {"params": {}, "router_bias": {}}
     for leaf, spec in leaf_specs(cfg).items():
@@ -320,6 +327,34 @@ def load_orbax(
     merged = jax.tree.map(np.asarray, restored["params"])
     _merge_into(merged, restored["router_bias"])
     return from_arrays(cfg, merged)
+
+
+def _load_sharded(source: Source, cfg: ModelConfig, mesh_sharding):
+    from flax import nnx
+
+    from deepseek_jax.model import DeepSeek
+    from deepseek_jax.model.moe import RouterBias
+    from deepseek_jax.sharding import state_shardings
+
+    graphdef, params, biases = nnx.split(
+        nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0))), nnx.Param, RouterBias
+    )
+
+    def targets(state):
+        shardings = nnx.to_pure_dict(state_shardings(state, mesh_sharding))
+        return jax.tree.map(
+            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+            nnx.to_pure_dict(state),
+            shardings,
+        )
+
+    restored = restore(
+        dataclasses.replace(source, model=cfg),
+        {"params": targets(params), "router_bias": targets(biases)},
+    )
+    nnx.replace_by_pure_dict(params, restored["params"])
+    nnx.replace_by_pure_dict(biases, restored["router_bias"])
+    return nnx.merge(graphdef, params, biases)
 
 
 def _merge_into(tree: dict, other: dict) -> None:
