@@ -10,13 +10,11 @@ because our packed training documents carry only an EOS between them.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.config import ConfigError, config_from_dict
 from deepseek_jax.data.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
@@ -48,10 +46,7 @@ def load_tokenizer(path: str | os.PathLike, model_cfg, tokenizer: str | None = N
                 f"no tokenizer.json in {path} and no training config beside it: pass "
                 "--tokenizer (a tokenizer.json path, or 'byte')"
             )
-        step = os.path.dirname(source.arrays_dir)
-        with open(os.path.join(step, "config", "metadata")) as f:
-            saved = config_from_dict(json.load(f))
-        tok = make_tokenizer(saved.data)
+        tok = make_tokenizer(source.config.data)
     check_against_model(tok, model_cfg)
     return tok
 
@@ -111,10 +106,7 @@ def generate_text(
     """
     single = isinstance(prompts, str)
     texts = [prompts] if single else list(prompts)
-    if model.cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.cfg.vocab_size}"
-        )
+    check_against_model(tokenizer, model.cfg)
     ids = [encode_prompt(tokenizer, t, add_bos) for t in texts]
     eos = tokenizer.eos_id if stop_at_eos else None
     sampling = dict(

@@ -30,9 +30,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from deepseek_jax.config import ConfigError, ModelConfig, config_from_dict, replace
-from deepseek_jax.hf.load import CheckpointError, from_arrays
-from deepseek_jax.hf.mapping import is_bias_leaf, leaf_specs, nest, stack_layout
+from deepseek_jax.config import Config, ConfigError, ModelConfig, config_from_dict, replace
+from deepseek_jax.hf.load import CheckpointError
+from deepseek_jax.hf.mapping import is_bias_leaf, leaf_specs, stack_layout
 
 FORMAT = "deepseek_jax.converted"
 VERSION = 1
@@ -193,6 +193,7 @@ class Source:
     arrays_dir: str  # Orbax PyTree directory holding the params and router_bias subtrees
     model: ModelConfig
     meta: dict | None = None  # deepseek_jax.json of a converted directory
+    config: Config | None = None  # the whole saved Config of a training run
 
 
 def _newest_step(directory: str) -> str | None:
@@ -227,10 +228,10 @@ def find_source(path: str | os.PathLike, required: bool = True) -> Source | None
     config_path = os.path.join(step, "config", "metadata")
     try:
         with open(config_path) as f:
-            model = config_from_dict(json.load(f)).model
+            config = config_from_dict(json.load(f))
     except (OSError, ValueError, ConfigError) as e:
         raise CheckpointError(f"cannot read the run config {config_path}: {e}") from None
-    return Source("training", path, os.path.join(step, "state"), model)
+    return Source("training", path, os.path.join(step, "state"), config.model, config=config)
 
 
 def _converted(path: str) -> Source:
@@ -315,21 +316,6 @@ def load_orbax(
     cfg = replace(
         source.model, compute_dtype=compute_dtype, param_dtype=param_dtype, scan_layers=scan_layers
     )
-    if mesh_sharding is not None:
-        return _load_sharded(source, cfg, mesh_sharding)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    flat: dict[str, dict] = {"params": {}, "router_bias": {}}
-    for leaf, spec in leaf_specs(cfg).items():
-        group = "router_bias" if is_bias_leaf(leaf) else "params"
-        flat[group][leaf] = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=device)
-    abstract = {group: nest(leaves) for group, leaves in flat.items()}
-    restored = restore(dataclasses.replace(source, model=cfg), abstract)
-    merged = jax.tree.map(np.asarray, restored["params"])
-    _merge_into(merged, restored["router_bias"])
-    return from_arrays(cfg, merged)
-
-
-def _load_sharded(source: Source, cfg: ModelConfig, mesh_sharding):
     from flax import nnx
 
     from deepseek_jax.model import DeepSeek
@@ -339,9 +325,13 @@ def _load_sharded(source: Source, cfg: ModelConfig, mesh_sharding):
     graphdef, params, biases = nnx.split(
         nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0))), nnx.Param, RouterBias
     )
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
     def targets(state):
-        shardings = nnx.to_pure_dict(state_shardings(state, mesh_sharding))
+        if mesh_sharding is None:
+            shardings = jax.tree.map(lambda _: one_device, nnx.to_pure_dict(state))
+        else:
+            shardings = nnx.to_pure_dict(state_shardings(state, mesh_sharding))
         return jax.tree.map(
             lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
             nnx.to_pure_dict(state),
@@ -355,11 +345,3 @@ def _load_sharded(source: Source, cfg: ModelConfig, mesh_sharding):
     nnx.replace_by_pure_dict(params, restored["params"])
     nnx.replace_by_pure_dict(biases, restored["router_bias"])
     return nnx.merge(graphdef, params, biases)
-
-
-def _merge_into(tree: dict, other: dict) -> None:
-    for k, v in other.items():
-        if isinstance(v, dict):
-            _merge_into(tree.setdefault(k, {}), v)
-        else:
-            tree[k] = v
