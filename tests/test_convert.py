@@ -358,16 +358,18 @@ def test_init_from_converted_checkpoint(trained_run, tmp_path):
     new = load_config("tiny", [*TRAIN, f"train.run_dir={tmp_path / 'new'}", init])
     mesh = sharding.make_mesh(new.mesh)
     trainer = Trainer.create(new, sharding.Sharding(mesh, sharding.rules_for(new.mesh.rules)))
-    state = state_from_weights(trainer, str(conv))
-    assert int(state.step) == 0
     source = deepseek_jax.load(run)
     _, params, biases = nnx.split(source, nnx.Param, nnx.Variable)
     want = jax.tree.leaves(nnx.to_pure_dict(params)) + jax.tree.leaves(nnx.to_pure_dict(biases))
-    got = jax.tree.leaves(state.params) + jax.tree.leaves(state.router_bias)
-    assert len(got) == len(want)
-    for a, b in zip(got, want, strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert all(not np.asarray(x).any() for x in jax.tree.leaves(state.opt_state) if np.ndim(x))
+    for origin in (conv, hf):  # a converted directory and a Hugging Face one
+        state = state_from_weights(trainer, str(origin))
+        assert int(state.step) == 0
+        got = jax.tree.leaves(state.params) + jax.tree.leaves(state.router_bias)
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        opt = jax.tree.leaves(state.opt_state)
+        assert all(not np.asarray(x).any() for x in opt if np.ndim(x))
     other = load_config(
         "tiny", [*TRAIN, "model.moe.n_routed_experts=8", f"train.run_dir={tmp_path / 'x'}", init]
     )

@@ -130,52 +130,43 @@ def evaluate(trainer: Trainer, state, make_iter, n_batches: int, global_rows: in
 
 def state_from_weights(trainer: Trainer, path: str) -> TrainState:
     """Step 0 and a fresh optimizer around the params and router biases at `path` (a converted
-    directory, a training run or an HF checkpoint), placed directly on the trainer's shardings.
+    directory, a training run or an HF checkpoint), loaded onto the trainer's mesh by its rules
+    (Orbax checkpoints shard by shard, see `deepseek_jax.load`).
 
-    Raises CheckpointMismatch if their model differs from the run's in anything but dtypes,
-    scan_layers, remat or init_std."""
-    from deepseek_jax.hf.load import is_hf_checkpoint
-    from deepseek_jax.hf.orbax_io import find_source, model_differences, restore
+    Raises CheckpointMismatch, before reading any weights, if their model differs from the
+    run's in anything but dtypes, scan_layers, remat or init_std."""
+    from flax import nnx
 
-    shapes = jax.eval_shape(trainer.init)
-    sh = trainer.state_shardings
-    abstract = {
-        "params": abstract_like(sh.params, shapes.params),
-        "router_bias": abstract_like(sh.router_bias, shapes.router_bias),
-    }
-    source = None if is_hf_checkpoint(path) else find_source(path, required=True)
-    if source is not None:
-        model = source.model
-    else:  # an HF checkpoint directory
-        from deepseek_jax.hf.load import hf_to_arrays, open_hf, without_absent_mtp
-        from deepseek_jax.hf.safetensors_io import CheckpointReader
+    from deepseek_jax.hf.load import (
+        is_hf_checkpoint,
+        load,
+        open_hf,
+        without_absent_mtp,
+    )
+    from deepseek_jax.hf.orbax_io import find_source, model_differences
+    from deepseek_jax.hf.safetensors_io import CheckpointReader
+    from deepseek_jax.model.moe import RouterBias
 
-        _, model, block = open_hf(path)
-        reader = CheckpointReader(path)
-        model = without_absent_mtp(model, reader)
-    diff = model_differences(model, trainer.cfg.model)
+    if is_hf_checkpoint(path):
+        _, model_cfg, _ = open_hf(path)
+        with CheckpointReader(path) as reader:
+            model_cfg = without_absent_mtp(model_cfg, reader)
+    else:
+        model_cfg = find_source(path, required=True).model
+    diff = model_differences(model_cfg, trainer.cfg.model)
     if diff:
         raise CheckpointMismatch(
             f"train.init_from={path} holds a different model (theirs, this run's): {diff}"
         )
-    if source is not None:
-        weights = restore(source, abstract)
-    else:
-        with reader:
-            arrays = hf_to_arrays(model, reader, block)
-        weights = {
-            "params": _select(arrays, abstract["params"]),
-            "router_bias": _select(arrays, abstract["router_bias"]),
-        }
-        weights = jax.tree.map(
-            lambda a, s: jax.device_put(np.asarray(a, s.dtype), s.sharding), weights, abstract
-        )
-    return trainer.state_from_params(weights["params"], weights["router_bias"])
-
-
-def _select(tree: dict, like: dict) -> dict:
-    """The subtree of `tree` with the keys of `like`."""
-    return {k: _select(tree[k], v) if isinstance(v, dict) else tree[k] for k, v in like.items()}
+    ours = trainer.cfg.model
+    model = load(
+        path,
+        compute_dtype=ours.compute_dtype,
+        param_dtype=ours.param_dtype,
+        mesh_sharding=trainer.mesh_sharding,
+    )
+    _, params, biases = nnx.split(model, nnx.Param, RouterBias)
+    return trainer.state_from_params(nnx.to_pure_dict(params), nnx.to_pure_dict(biases))
 
 
 def train(cfg: Config, log: Callable[[str], None] | None = None) -> list[dict]:
