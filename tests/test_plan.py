@@ -95,6 +95,14 @@ def test_plan_tiny_memory_is_the_executables():
     assert result.roofline is not None and result.roofline.step_s > 0
     assert result.collectives["all-gather"]["traffic_bytes"] > 0
     assert all(t == 1 for _, t in result.loops)  # one dense and one MoE layer: scans of 1
+    # expert 2: the all-gather dispatch gathers tokens and routing inside moe's shard_map.
+    assert result.moe_layers == 1
+    assert 0 < result.dispatch["all-gather"]["traffic_bytes"]
+    assert (
+        result.dispatch["all-gather"]["traffic_bytes"]
+        <= (result.collectives["all-gather"]["traffic_bytes"])
+    )
+    assert "per MoE layer (1 layers)" in text
     assert "fits: yes" in text
 
 

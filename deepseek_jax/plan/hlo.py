@@ -269,9 +269,14 @@ class CollectiveStats:
     traffic_bytes: float = 0.0  # bytes over the links per device (see module docstring)
 
 
+# Collectives the routed-expert dispatch issues: inside a shard_map within the MoE module.
+DISPATCH_SCOPE = re.compile(r'op_name="[^"]*\bmoe\b[^"]*/shard_map/')
+
+
 @dataclasses.dataclass
 class HloSummary:
     collectives: dict[str, CollectiveStats]
+    dispatch: dict[str, CollectiveStats]  # the subset under DISPATCH_SCOPE (expert dispatch)
     hbm_bytes: float  # operands + results of every unfused instruction, trip counts applied
     loops: list[tuple[str, int | None]]  # (while name, trip count or None)
     unknown_trip_counts: int
@@ -285,6 +290,7 @@ def summarize(text: str, n_devices: int) -> HloSummary:
     """Collective bytes by kind and HBM bytes of one device's step (see the module docstring)."""
     module = parse_module(text)
     stats = {k: CollectiveStats() for k in COLLECTIVE_KINDS}
+    dispatch = {k: CollectiveStats() for k in COLLECTIVE_KINDS}
     loops: list[tuple[str, int | None]] = []
     hbm = 0.0
     seen_ops: set[str] = set()
@@ -301,13 +307,16 @@ def summarize(text: str, n_devices: int) -> HloSummary:
                 if kind == "ragged-all-to-all":
                     in_bytes = type_bytes(module.types.get(ins.operands[0], ""))
                 g = _group_size(ins.attrs, n_devices)
-                s = stats[kind]
-                if ins.name not in seen_ops:
-                    s.ops += 1
-                    seen_ops.add(ins.name)
-                s.executions += mult
-                s.buffer_bytes += in_bytes * mult
-                s.traffic_bytes += _traffic(kind, in_bytes, g) * mult
+                first = ins.name not in seen_ops
+                seen_ops.add(ins.name)
+                targets = [stats[kind]]
+                if DISPATCH_SCOPE.search(ins.attrs):
+                    targets.append(dispatch[kind])
+                for s in targets:
+                    s.ops += first
+                    s.executions += mult
+                    s.buffer_bytes += in_bytes * mult
+                    s.traffic_bytes += _traffic(kind, in_bytes, g) * mult
             if not in_fusion and ins.opcode not in _NO_TRAFFIC:
                 operand_bytes = sum(type_bytes(module.types.get(o, "")) for o in ins.operands)
                 hbm += (operand_bytes + type_bytes(ins.type_text)) * mult
@@ -329,6 +338,7 @@ def summarize(text: str, n_devices: int) -> HloSummary:
     visit(module.entry, 1.0)
     return HloSummary(
         collectives=stats,
+        dispatch=dispatch,
         hbm_bytes=hbm,
         loops=loops,
         unknown_trip_counts=sum(1 for _, t in loops if t is None),

@@ -64,6 +64,9 @@ class PlanResult:
     xla_bytes_accessed: float = 0.0
     hlo_hbm_bytes: float = 0.0
     collectives: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    # The expert dispatch's share (collectives under moe/.../shard_map) and the MoE layer count.
+    dispatch: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    moe_layers: int = 0
     loops: list = dataclasses.field(default_factory=list)
     roofline: Roofline | None = None
     peak_flops: float = 0.0
@@ -125,7 +128,9 @@ def format_result(r: PlanResult) -> str:
     shape = ", ".join(f"{k} {v}" for k, v in r.shape.items())
     lines = [
         f"deepseek-jax plan: {r.config} ({r.mode}) on {r.topology} = {r.chips} {r.chip} chips",
-        f"  mesh {mesh}, rules {r.rules}, remat {r.remat}; {shape}",
+        f"  mesh {mesh}, rules {r.rules}"
+        + (f", remat {r.remat}" if r.mode == "train" else "")
+        + f"; {shape}",
         f"  compiled in {r.compile_seconds:.0f} s",
         "",
         "  memory per chip",
@@ -171,6 +176,13 @@ def format_result(r: PlanResult) -> str:
                 f"    {kind:<20}{c['ops']:>6.0f}{c['executions']:>8.0f}"
                 f"{_bytes(c['buffer_bytes']):>14}{_bytes(c['traffic_bytes']):>14}"
             )
+    moved = sum(c["traffic_bytes"] for c in r.dispatch.values())
+    if r.moe_layers and moved:
+        kinds = ", ".join(k for k, c in r.dispatch.items() if c["ops"])
+        lines.append(
+            f"    of which expert dispatch ({kinds}): {_bytes(moved)} over links, "
+            f"{_bytes(moved / r.moe_layers)} per MoE layer ({r.moe_layers} layers)"
+        )
     loops = ", ".join(f"{t if t is not None else '?'}" for _, t in r.loops)
     lines.append(f"    while-loop trip counts: {loops or 'none'}")
     if r.roofline is not None:

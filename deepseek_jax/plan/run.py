@@ -110,6 +110,11 @@ def plan(
         result.xla_bytes_accessed = compiled.xla_bytes_accessed
         result.hlo_hbm_bytes = h.hbm_bytes
         result.collectives = {k: dataclasses.asdict(v) for k, v in h.collectives.items()}
+        result.dispatch = {k: dataclasses.asdict(v) for k, v in h.dispatch.items()}
+        kinds = cfg.model.layer_kinds
+        result.moe_layers = sum(
+            k == "moe" for k in (kinds[: cfg.model.num_layers] if generate else kinds)
+        )
         result.loops = h.loops
         chip = topo.chip
         per_chip = model_flops / chips
