@@ -11,6 +11,7 @@ import yaml
 from deepseek_jax.config import ConfigError, load_config
 from deepseek_jax.hf.convert import add_convert_parser
 from deepseek_jax.hf.load import CheckpointError
+from deepseek_jax.plan.cli import add_plan_parser
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -151,7 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--speculative", action="store_true", help="draft tokens with the MTP module")
     gen.set_defaults(func=_generate)
     add_convert_parser(sub)
-    args = parser.parse_args(argv)
+    add_plan_parser(sub)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `plan CONFIG --topology T key=value ...`: overrides may follow the options.
+        if args.command != "plan" or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if getattr(args, "config", None) and "=" in args.config:
         # `deepseek-jax train key=value ...`: no config named, the default one with overrides.
         args.overrides, args.config = [args.config, *args.overrides], "tiny"
