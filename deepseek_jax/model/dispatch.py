@@ -15,6 +15,15 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax import sharding
+from deepseek_jax.ops.gmm_blocked import gmm_blocked
+
+
+def _grouped_matmul(x_md, w_edf, group_sizes_e):
+    # XLA:CPU lowers ragged_dot densely (every row times every expert): on CPU use the blocked
+    # kernel that computes only the routed rows (ops/gmm_blocked.py).
+    if jax.default_backend() == "cpu":
+        return gmm_blocked(x_md, w_edf, group_sizes_e)
+    return jax.lax.ragged_dot(x_md, w_edf, group_sizes_e)
 
 
 def grouped_swiglu(x_md, group_sizes_e, gate_edf, up_edf, down_efd):
@@ -22,9 +31,9 @@ def grouped_swiglu(x_md, group_sizes_e, gate_edf, up_edf, down_efd):
 
     Rows past sum(group_sizes) come out as zero (ragged_dot leaves them untouched).
     """
-    gate_mf = jax.lax.ragged_dot(x_md, gate_edf, group_sizes_e)
-    up_mf = jax.lax.ragged_dot(x_md, up_edf, group_sizes_e)
-    return jax.lax.ragged_dot(jax.nn.silu(gate_mf) * up_mf, down_efd, group_sizes_e)
+    gate_mf = _grouped_matmul(x_md, gate_edf, group_sizes_e)
+    up_mf = _grouped_matmul(x_md, up_edf, group_sizes_e)
+    return _grouped_matmul(jax.nn.silu(gate_mf) * up_mf, down_efd, group_sizes_e)
 
 
 def _combine(out_md, slot_m, weights_nk):
