@@ -14,6 +14,7 @@ from deepseek_jax.config import ConfigError, load_config
 from deepseek_jax.errors import EXIT_USER_ERROR, RunStopped, UserError
 from deepseek_jax.hf.convert import add_convert_parser
 from deepseek_jax.hf.load import CheckpointError
+from deepseek_jax.plan.cli import add_plan_parser
 from deepseek_jax.sharding import ShardingError
 
 # Mistakes the user can fix: printed as one line (exit code 2), the traceback only with --debug.
@@ -172,10 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--speculative", action="store_true", help="draft tokens with the MTP module")
     gen.set_defaults(func=_generate)
     add_convert_parser(sub)
+    add_plan_parser(sub)
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of errors (they are one line)"
     )
-    args = parser.parse_args(_debug_first(argv))
+    args, extra = parser.parse_known_args(_debug_first(argv))
+    if extra:
+        # `plan CONFIG --topology T key=value ...`: overrides may follow the options.
+        if args.command != "plan" or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if getattr(args, "config", None) and "=" in args.config:
         # `deepseek-jax train key=value ...`: no config named, the default one with overrides.
         args.overrides, args.config = [args.config, *args.overrides], "tiny"
