@@ -2,7 +2,7 @@
 
 - local: every token on this device, every expert on this device. Sort the N·K (token, expert)
   pairs by expert and run one grouped matmul (`jax.lax.ragged_dot`).
-- expert-parallel (a mesh is active): inside `shard_map`, each device routes its own tokens,
+- expert-parallel (the runtime has a mesh): inside `shard_map`, each device routes its own tokens,
   all-gathers tokens and routing decisions over the expert axis, runs the grouped matmul for
   the experts it owns, and a reduce-scatter over the expert axis returns every token's summed
   expert outputs to the device that owns the token. Dropless and static-shaped, so it runs on
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax import sharding
+from deepseek_jax.runtime import Runtime
 
 
 def grouped_swiglu(x_md, group_sizes_e, gate_edf, up_edf, down_efd):
@@ -22,6 +24,7 @@ def grouped_swiglu(x_md, group_sizes_e, gate_edf, up_edf, down_efd):
 
     Rows past sum(group_sizes) come out as zero (ragged_dot leaves them untouched).
     """
+    x_md = checkpoint_name(x_md, "moe_dispatch")  # tokens as sent to experts (remat policies)
     gate_mf = jax.lax.ragged_dot(x_md, gate_edf, group_sizes_e)
     up_mf = jax.lax.ragged_dot(x_md, up_edf, group_sizes_e)
     return jax.lax.ragged_dot(jax.nn.silu(gate_mf) * up_mf, down_efd, group_sizes_e)
@@ -70,9 +73,12 @@ def _expert_shard(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, *, a
     return y_nd
 
 
-def routed_experts(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd) -> jax.Array:
-    """Σ_k w_k·expert_{e_k}(x) for every token, in float32. x [N, D]; experts, weights [N, K]."""
-    ctx = sharding.current()
+def routed_experts(
+    x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, *, rt: Runtime
+) -> jax.Array:
+    """Σ_k w_k·expert_{e_k}(x) for every token, in float32. x [N, D]; experts, weights [N, K].
+    Expert-parallel when `rt.sharding` has a mesh, local otherwise."""
+    ctx = rt.sharding
     if ctx is None:
         return _local(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd)
 
