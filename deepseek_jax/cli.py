@@ -8,9 +8,9 @@ import sys
 
 import yaml
 
+from deepseek_jax.checkpoint import CheckpointError
+from deepseek_jax.checkpoint.convert import add_convert_parser
 from deepseek_jax.config import ConfigError, load_config
-from deepseek_jax.hf.convert import add_convert_parser
-from deepseek_jax.hf.load import CheckpointError
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -312,6 +312,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
+    # A failed save is reported at once and retried at the next save; this many failures in a
+    # row stop the run with a non-zero exit (the newest good checkpoint is kept).
+    max_save_failures: int = 3
     resume: bool = True
     # Start a run that has no checkpoint yet from these weights (params and router biases, fresh
     # optimizer, step 0): a directory written by `deepseek-jax convert hf-to-orbax`, or any path
@@ -335,6 +338,7 @@ class TrainConfig:
             "log_every",
             "checkpoint_every",
             "keep_checkpoints",
+            "max_save_failures",
             "eval_batches",
         ):
             _require(getattr(self, name) >= 1, f"{p}.{name}={getattr(self, name)} must be >= 1")

@@ -20,7 +20,7 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from deepseek_jax import sharding
-from deepseek_jax.checkpoint import Checkpointer, CheckpointMismatch, abstract_like
+from deepseek_jax.checkpoint import Checkpointer, abstract_like
 from deepseek_jax.config import Config, to_dict
 from deepseek_jax.data import make_iterator
 from deepseek_jax.train import distributed
@@ -133,34 +133,18 @@ def state_from_weights(trainer: Trainer, path: str) -> TrainState:
     directory, a training run or an HF checkpoint), loaded onto the trainer's mesh by its rules
     (Orbax checkpoints shard by shard, see `deepseek_jax.load`).
 
-    Raises CheckpointMismatch, before reading any weights, if their model differs from the
+    Raises CheckpointError, before reading any weights, if their model differs from the
     run's in anything but dtypes, scan_layers, remat or init_std."""
     from flax import nnx
 
-    from deepseek_jax.hf.load import (
-        is_hf_checkpoint,
-        load,
-        open_hf,
-        without_absent_mtp,
-    )
-    from deepseek_jax.hf.orbax_io import find_source, model_differences
-    from deepseek_jax.hf.safetensors_io import CheckpointReader
+    from deepseek_jax.checkpoint import check_same_model, load, resolve
     from deepseek_jax.model.moe import RouterBias
 
-    if is_hf_checkpoint(path):
-        _, model_cfg, _ = open_hf(path)
-        with CheckpointReader(path) as reader:
-            model_cfg = without_absent_mtp(model_cfg, reader)
-    else:
-        model_cfg = find_source(path, required=True).model
-    diff = model_differences(model_cfg, trainer.cfg.model)
-    if diff:
-        raise CheckpointMismatch(
-            f"train.init_from={path} holds a different model (theirs, this run's): {diff}"
-        )
+    source = resolve(path)
+    check_same_model(source.model, trainer.cfg.model, f"train.init_from={path}")
     ours = trainer.cfg.model
     model = load(
-        path,
+        source,
         compute_dtype=ours.compute_dtype,
         param_dtype=ours.param_dtype,
         mesh_sharding=trainer.mesh_sharding,
@@ -186,11 +170,14 @@ def train(cfg: Config, log: Callable[[str], None] | None = None) -> list[dict]:
         every=tc.checkpoint_every,
         keep=tc.keep_checkpoints,
         async_save=tc.async_checkpointing,
+        max_failures=tc.max_save_failures,
+        log=log,
     )
+    abstract = abstract_like(trainer.state_shardings, jax.eval_shape(trainer.init))
+    ckpt.check_room(abstract)  # writable, with room for one checkpoint, before compiling
     metrics_path = os.path.join(tc.run_dir, "metrics.jsonl")
     if tc.resume and ckpt.latest_step() is not None:
-        abstract = abstract_like(trainer.state_shardings, jax.eval_shape(trainer.init))
-        state = ckpt.restore(abstract, cfg, train_iter)
+        state = ckpt.restore(abstract, cfg, train_iter)  # newest readable; logs skipped steps
         start = int(jax.device_get(state.step))
         log(f"resumed from the checkpoint at step {start} in {ckpt.directory}")
         if tc.init_from:
@@ -234,6 +221,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None) -> list[dict]:
             batch = to_global(next(train_iter), trainer.batch_sharding, tc.batch_size)
             state, metrics = step_fn(state, batch)
             step += 1
+            ckpt.poll()  # reports a failed background save as soon as it has failed
             bar.update(1)
             stopping = stop.agreed()
             if step % tc.log_every == 0 or step == tc.steps or stopping:
