@@ -9,7 +9,8 @@ Implementations, picked by `runtime.grouped_matmul`:
 - `ragged_dot`: `jax.lax.ragged_dot`, portable (the reference).
 - `megablox`: the TPU Pallas kernel `jax.experimental.pallas.ops.tpu.megablox.gmm` (with its own
   VJP); runs anywhere else in Pallas interpret mode, which is slow and only meant for tests.
-- `auto`: megablox on TPU, ragged_dot elsewhere.
+- `blocked` (`ops/gmm_blocked.py`): only the tiles of routed rows, one batched dot; for CPU.
+- `auto`: megablox on TPU, blocked on CPU, ragged_dot elsewhere.
 Other kernels register themselves with `register(name, fn)` (e.g. a CPU kernel from `ops/gmm_*`).
 """
 
@@ -19,6 +20,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from deepseek_jax.ops.gmm_blocked import gmm_blocked
 
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -76,7 +79,12 @@ def _megablox(x_md: jax.Array, w_EDF: jax.Array, group_sizes_e: jax.Array) -> ja
     return jnp.where(valid_m[:, None], out_md, 0)[:m]
 
 
-IMPLS: dict[str, GroupedMatmul] = {"ragged_dot": _ragged_dot, "megablox": _megablox}
+# blocked: computes only the routed row tiles; XLA:CPU runs ragged_dot densely over every expert.
+IMPLS: dict[str, GroupedMatmul] = {
+    "ragged_dot": _ragged_dot,
+    "megablox": _megablox,
+    "blocked": gmm_blocked,
+}
 
 
 def register(name: str, fn: GroupedMatmul) -> None:
@@ -90,7 +98,8 @@ def register(name: str, fn: GroupedMatmul) -> None:
 def resolve(impl: str) -> str:
     """The concrete implementation `impl` stands for on the current default backend."""
     if impl == "auto":
-        return "megablox" if jax.default_backend() == "tpu" else "ragged_dot"
+        backend = jax.default_backend()
+        return {"tpu": "megablox", "cpu": "blocked"}.get(backend, "ragged_dot")
     if impl not in IMPLS:
         raise ValueError(
             f"runtime.grouped_matmul={impl!r} is not a grouped matmul; choose from "
