@@ -11,6 +11,7 @@ import yaml
 from deepseek_jax.config import ConfigError, load_config
 from deepseek_jax.hf.convert import add_convert_parser
 from deepseek_jax.hf.load import CheckpointError
+from deepseek_jax.post.cli import add_post_parsers
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--speculative", action="store_true", help="draft tokens with the MTP module")
     gen.set_defaults(func=_generate)
     add_convert_parser(sub)
+    add_post_parsers(sub)
     args = parser.parse_args(argv)
     if getattr(args, "config", None) and "=" in args.config:
         # `deepseek-jax train key=value ...`: no config named, the default one with overrides.
