@@ -29,7 +29,7 @@ from deepseek_jax.config import (
     config_from_dict,
     parse_overrides,
 )
-from deepseek_jax.post.grpo_loss import Aggregation, AdvantageNorm, KLEstimator
+from deepseek_jax.post.grpo_loss import AdvantageNorm, Aggregation, KLEstimator
 
 
 @dataclasses.dataclass(frozen=True)

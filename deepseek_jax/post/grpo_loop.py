@@ -150,7 +150,8 @@ def _line(m: dict) -> str:
     if "mtp_acceptance" in m:
         text += f" mtp-acc {m['mtp_acceptance']:.2f}"
     if "eval_accuracy" in m:
-        text += f" | held-out acc {m['eval_accuracy']:.3f} (sampled {m['eval_accuracy_sampled']:.3f})"
+        acc, sampled = m["eval_accuracy"], m["eval_accuracy_sampled"]
+        text += f" | held-out acc {acc:.3f} (sampled {sampled:.3f})"
     return text
 
 
