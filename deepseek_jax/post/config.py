@@ -106,6 +106,7 @@ class GRPOConfig:
 class DistillConfig:
     """`deepseek-jax distill`: traces from a teacher, optional rejection sampling, SFT."""
 
+    run_dir: str = "runs/distill"
     teacher: str = ""  # checkpoint the traces come from (or "" with `traces`)
     traces: str = ""  # a JSONL of {"prompt", "completion"} instead of generating
     prompts: int = 512  # problems of the task's train split to generate traces for
