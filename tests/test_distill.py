@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -79,7 +78,7 @@ def test_distill_from_teacher_with_logits(tmp_path):
         "reject_incorrect": False,  # a random teacher is never right
         "steps": 30,
         "batch_size": 8,
-        "seq_len": 24,
+        "seq_len": 40,
         "logit_weight": 0.5,
         "logit_top_k": 5,
     }

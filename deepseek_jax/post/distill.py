@@ -131,8 +131,16 @@ def run_distill(post: PostConfig, log: Callable[[str], None] = print) -> dict:
 
     before = evaluate(state)
     log(f"student held-out before SFT: {before}")
-    prompts = [encode_prompt(tokenizer, r["prompt"]) for r in traces]
-    completions = [tokenizer.encode(r["completion"]) + [tokenizer.eos_id] for r in traces]
+    prompts, completions = [], []
+    for r in traces:
+        p = encode_prompt(tokenizer, r["prompt"])
+        c = tokenizer.encode(r["completion"]) + [tokenizer.eos_id]
+        if len(p) + len(c) <= d.seq_len + 1:
+            prompts.append(p)
+            completions.append(c)
+    if len(prompts) < len(traces):
+        log(f"{len(traces) - len(prompts)} traces longer than distill.seq_len={d.seq_len} skipped")
+    stats["traces_trained"] = len(prompts)
     batches = sft_batches(prompts, completions, d.batch_size, d.seq_len, tokenizer.pad_id, d.seed)
     if d.logit_weight > 0:
         step_fn = make_distill_step(trainer, d.logit_weight, d.logit_temperature, d.logit_top_k)

@@ -90,9 +90,7 @@ def make_distill_step(
                 load = out.expert_load if out.expert_load is not None else jnp.zeros((0, 0))
                 return obj, (sums["lm"] / n, kl, load)
 
-            (obj, (lm, kl, load)), grads = jax.value_and_grad(objective, has_aux=True)(
-                state.params
-            )
+            (obj, (lm, kl, load)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
             updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
             bias = update_router_bias(state.router_bias, load, tc.bias_gamma)
