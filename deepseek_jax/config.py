@@ -568,7 +568,14 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         _require(bool(sep) and bool(key), f"override '{item}' is not of the form key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(
+                f"override {key.strip()}={raw}: the value is not YAML ({problem}); quote it"
+            ) from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
