@@ -20,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from deepseek_jax import sharding
 from deepseek_jax.ops.moe_a2a import A2APlan, a2a_routed_experts, buffer_rows, exchange_kind
 from deepseek_jax.ops.moe_a2a import grouped_swiglu as grouped_swiglu
+from deepseek_jax.runtime import Runtime
 
 DISPATCHES = ("auto", "all_gather", "all_to_all")
 
@@ -162,23 +163,13 @@ def routed_experts(
     up_EDF: jax.Array,
     down_EFD: jax.Array,
     *,
-    rt=None,
+    rt: Runtime,
 ) -> jax.Array:
     """Σ_k w_k·expert_{e_k}(x) for every token, [N, D] float32. x [N, D]; experts, weights [N, K].
 
-    The mesh and the knobs (moe_dispatch, grouped_matmul, moe_a2a_buffer_factor) come from the
-    runtime `rt`; without one, from the active `sharding.use` block and the defaults.
+    The mesh (None: one device) and the knobs (moe_dispatch, grouped_matmul,
+    moe_a2a_buffer_factor) come from the runtime `rt`.
     """
-    if rt is None:
-        return dispatch_routed(
-            x_nd,
-            experts_nk,
-            weights_nk,
-            gate_EDF,
-            up_EDF,
-            down_EFD,
-            mesh_sharding=sharding.current(),
-        )
     return dispatch_routed(
         x_nd,
         experts_nk,

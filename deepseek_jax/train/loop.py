@@ -147,7 +147,7 @@ def state_from_weights(trainer: Trainer, path: str) -> TrainState:
     (Orbax checkpoints shard by shard, see `deepseek_jax.load`).
 
     Raises CheckpointMismatch, before reading any weights, if their model differs from the
-    run's in anything but dtypes, scan_layers, remat or init_std."""
+    run's (ModelConfig: the architecture; runtime knobs and init_std may differ)."""
     from flax import nnx
 
     from deepseek_jax.hf.load import (
@@ -171,7 +171,7 @@ def state_from_weights(trainer: Trainer, path: str) -> TrainState:
         raise CheckpointMismatch(
             f"train.init_from={path} holds a different model (theirs, this run's): {diff}"
         )
-    ours = trainer.cfg.model
+    ours = trainer.cfg.runtime
     model = load(
         path,
         compute_dtype=ours.compute_dtype,
@@ -242,7 +242,7 @@ def _train(cfg: Config, log: Callable[[str], None] | None, signals: StopSignals)
 
     step_fn = trainer.jitted_step()
     n_devices = jax.device_count()
-    peak = tc.peak_flops_per_device or measure_peak_flops(cfg.model.compute_dtype)
+    peak = tc.peak_flops_per_device or measure_peak_flops(cfg.runtime.compute_dtype)
     flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
     log(
         f"training steps {start}..{tc.steps} on {n_devices} device(s), mesh {dict(mesh.shape)}, "
