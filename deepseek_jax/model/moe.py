@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig, MoEConfig
 from deepseek_jax.model.dispatch import routed_experts
@@ -116,6 +117,7 @@ class MoE(nnx.Module):
             cast(self.up_EDF, cfg),
             cast(self.down_EFD, cfg),
         )
+        routed_nd = checkpoint_name(routed_nd, "moe_out")
         load_e = jnp.bincount(experts_nk.reshape(-1), length=e).astype(jnp.int32)
         y_btd = routed_nd.astype(x_btd.dtype).reshape(b, t, d)
         if self.shared is not None:
