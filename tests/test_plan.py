@@ -175,3 +175,23 @@ def test_topology_names():
         parse_topology("v5p-7")
     with pytest.raises(ValueError, match="expected e.g."):
         parse_topology("a100-8")
+
+
+def test_sweep_candidates_cover_meshes_rules_and_remat():
+    from deepseek_jax.plan.run import remat_key, sweep_candidates
+
+    cfg = load_config("deepseek-v3-671b")
+    got = sweep_candidates(cfg, 256)
+    key = remat_key(cfg)
+    meshes = {tuple(o for o in c if o.startswith("mesh.") and "rules" not in o) for c in got}
+    assert meshes == {
+        ("mesh.data=1", "mesh.fsdp=256", "mesh.expert=1"),
+        ("mesh.data=1", "mesh.fsdp=32", "mesh.expert=8"),
+        ("mesh.data=1", "mesh.fsdp=4", "mesh.expert=64"),
+    }
+    assert ["mesh.rules=fsdp"] == sorted(
+        {o for c in got if "mesh.expert=1" in c for o in c if "rules" in o}
+    )
+    assert {f"{key}=full", f"{key}=none"} <= {o for c in got for o in c if o.startswith(key)}
+    mine = sweep_candidates(cfg, 256, meshes=["fsdp=4,expert=64"], rules=["ep"], remats=["full"])
+    assert mine == [["mesh.fsdp=4", "mesh.expert=64", "mesh.rules=ep", f"{key}=full"]]

@@ -52,6 +52,7 @@ class Compiled:
     xla_flops: float = 0.0
     xla_bytes_accessed: float = 0.0
     hlo: HloSummary | None = None
+    hlo_text: str = ""
 
 
 def _size(text: str) -> float | None:
@@ -124,13 +125,15 @@ def compile_program(lowered, n_devices: int) -> Compiled:
     }
     cost = exe.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    text = exe.as_text()
     return Compiled(
         fits=True,
         compile_seconds=seconds,
         memory=memory,
         xla_flops=float(cost.get("flops", 0.0)),
         xla_bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-        hlo=summarize(exe.as_text(), n_devices),
+        hlo=summarize(text, n_devices),
+        hlo_text=text,
     )
 
 
