@@ -189,13 +189,15 @@ def train(cfg: Config, log: Callable[[str], None] | None = None) -> list[dict]:
     Raises a UserError / ConfigError / CheckpointMismatch for a mistake found before compiling,
     Diverged after train.max_bad_steps non-finite steps in a row, and Preempted / Interrupted
     after saving a checkpoint on SIGTERM / SIGINT (see `deepseek_jax.errors` for exit codes)."""
+    preflight.check_config(cfg)
+    # Before the signal handlers: JAX's runtime installs its own SIGTERM notifier, which ours
+    # then replace (the loop, not Orbax's preemption sync, decides when to save).
+    distributed.initialize(cfg.distributed)
     with StopSignals() as signals:
         return _train(cfg, log, signals)
 
 
 def _train(cfg: Config, log: Callable[[str], None] | None, signals: StopSignals) -> list[dict]:
-    preflight.check_config(cfg)
-    distributed.initialize(cfg.distributed)
     tc = cfg.train
     is_main = jax.process_index() == 0
     log = log or (lambda msg: tqdm.tqdm.write(msg) if is_main else None)

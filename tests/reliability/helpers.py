@@ -31,14 +31,18 @@ TINY = [
 IN_PROCESS = [*TINY, "train.batch_size=8"]
 
 
-def env(cache_dir: str | os.PathLike, devices: int | None = 1) -> dict:
-    """Environment of a training subprocess: this checkout, a shared compilation cache, and
-    `devices` CPU devices (None: leave XLA_FLAGS alone)."""
+def env(cache_dir: str | os.PathLike | None, devices: int | None = 1) -> dict:
+    """Environment of a training subprocess: this checkout, a shared compilation cache (None:
+    none), and `devices` CPU devices (None: leave XLA_FLAGS alone).
+
+    Multi-process runs get no cache: with jax.distributed over gloo, a run whose processes
+    found cached executables hung in its first step here (jax 0.10.2, CPU)."""
     out = dict(os.environ)
     out["PYTHONPATH"] = str(REPO)
-    out["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-    out["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    out["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    if cache_dir is not None:
+        out["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+        out["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+        out["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     flags = [f for f in out.get("XLA_FLAGS", "").split() if "device_count" not in f]
     if devices is not None:
         flags.append(f"--xla_force_host_platform_device_count={devices}")

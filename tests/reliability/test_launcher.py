@@ -24,7 +24,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(run, jax_cache, grace: float) -> subprocess.Popen:
+def launch(run, grace: float) -> subprocess.Popen:
     cmd = [sys.executable, "launch/local.py", "--processes", "2", "--devices-per-process", "2"]
     cmd += ["--port", str(free_port()), "--log-dir", str(run / "logs"), "--grace", str(grace)]
     cmd += ["--status-every", "1", "--", "tiny", *TINY, *MESH, "train.steps=1000"]
@@ -32,7 +32,7 @@ def launch(run, jax_cache, grace: float) -> subprocess.Popen:
     return subprocess.Popen(
         cmd,
         cwd=REPO,
-        env=env(jax_cache, devices=None),
+        env=env(None, devices=None),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -71,10 +71,10 @@ def alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
-def test_sigterm_reaches_every_process_then_a_killed_one_is_named(tmp_path, jax_cache):
+def test_sigterm_reaches_every_process_then_a_killed_one_is_named(tmp_path):
     run = tmp_path / "run"
     seen: list[str] = []
-    proc = launch(run, jax_cache, grace=10)
+    proc = launch(run, grace=10)
     try:
         wait_for_step(proc, 2, seen)
         workers = worker_pids(proc.pid)
@@ -95,7 +95,7 @@ def test_sigterm_reaches_every_process_then_a_killed_one_is_named(tmp_path, jax_
 
     # Resume, then SIGKILL process 1: the launcher names it and stops process 0 in bounded time.
     seen = []
-    proc = launch(run, jax_cache, grace=5)
+    proc = launch(run, grace=5)
     try:
         wait_for_step(proc, saved + 1, seen)
         workers = worker_pids(proc.pid)
