@@ -161,3 +161,11 @@ def test_config_errors_name_the_key():
         post("grpo.betta=0.1")
     with pytest.raises(ConfigError, match="grpo.rewards.accuracy='high' must be a number"):
         post("grpo.rewards.accuracy=high")
+
+
+def test_cli_bad_key_is_one_line(capsys):
+    from deepseek_jax.cli import main
+
+    assert main(["grpo", "r1zero_addition", "grpo.group_size=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "grpo.group_size=1 must be >= 2" in err and len(err.splitlines()) == 1
