@@ -1,4 +1,8 @@
-"""Does a checkpoint's model fit the model asked for? One comparison for every caller."""
+"""Does a checkpoint's model fit the model asked for? One comparison for every caller.
+
+ModelConfig holds only the architecture (dtypes, scan, remat and kernels live in the runtime
+section), so the question is `saved == wanted`; the differing fields are named for the error.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +11,23 @@ import dataclasses
 from deepseek_jax.checkpoint.errors import CheckpointError
 from deepseek_jax.config import ModelConfig
 
-# Fields that change how the model runs, not its weights. The runtime section of the config is
-# taking them out of ModelConfig; until then a comparison skips whichever are still there.
-_RUNTIME_FIELDS = ("param_dtype", "compute_dtype", "scan_layers", "remat", "init_std")
-
 
 def model_differences(saved: ModelConfig, wanted: ModelConfig) -> dict[str, tuple]:
-    """{field: (saved, wanted)} for every weight-relevant field where the two differ."""
-    a, b = dataclasses.asdict(saved), dataclasses.asdict(wanted)
-    return {k: (a[k], b[k]) for k in a if k not in _RUNTIME_FIELDS and a[k] != b.get(k)}
+    """{field: (saved, wanted)} for every field that `==` compares and that differs."""
+    keys = [f.name for f in dataclasses.fields(ModelConfig) if f.compare]
+    return {
+        k: (getattr(saved, k), getattr(wanted, k))
+        for k in keys
+        if getattr(saved, k) != getattr(wanted, k)
+    }
 
 
 def check_same_model(saved: ModelConfig, wanted: ModelConfig, where: str) -> None:
     """Raise CheckpointError naming `where` and the differing fields when the models differ."""
-    diff = model_differences(saved, wanted)
-    if diff:
-        shown = ", ".join(f"model.{k}: {v[0]!r} there, {v[1]!r} here" for k, v in diff.items())
-        raise CheckpointError(f"{where} holds a different model ({shown})")
+    if saved == wanted:
+        return
+    shown = ", ".join(
+        f"model.{k}: {a!r} there, {b!r} here"
+        for k, (a, b) in model_differences(saved, wanted).items()
+    )
+    raise CheckpointError(f"{where} holds a different model ({shown})")

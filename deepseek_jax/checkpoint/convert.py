@@ -138,7 +138,7 @@ def hf_to_orbax(
 
     Weights are stored as `dtype` (float32 or bfloat16); router gates and correction biases stay
     float32. FP8 weights are dequantized. `overrides` are dotted ModelConfig keys recorded in the
-    metadata (e.g. compute_dtype=bfloat16, remat=full); keys that change shapes are refused.
+    metadata (e.g. max_position_embeddings=8192); keys that change shapes are refused.
     """
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
     if dtype not in DTYPES:
@@ -149,7 +149,7 @@ def hf_to_orbax(
             f"{source.path} is a {source.kind} checkpoint, not a Hugging Face one"
         )
     block = source.fp8_block
-    cfg = _apply_overrides(replace(source.model, param_dtype=dtype), overrides)
+    cfg = _apply_overrides(source.model, overrides)
     with CheckpointReader(src) as reader:
         plan = check_tensors(cfg, reader, block)  # every check before anything is written
         source_dtype, dtype_exceptions = _source_dtypes(reader, plan)

@@ -16,9 +16,8 @@ from flax import nnx
 from deepseek_jax.checkpoint import arrays
 from deepseek_jax.checkpoint.hf import LeafSlices, check_tensors
 from deepseek_jax.checkpoint.safetensors_io import CheckpointReader
-from deepseek_jax.checkpoint.source import HFSource, Source, resolve, with_model
+from deepseek_jax.checkpoint.source import HFSource, Source, resolve
 from deepseek_jax.config import ModelConfig
-from deepseek_jax.config import replace as replace_config
 
 __all__ = ["load", "load_weights"]
 
@@ -42,23 +41,30 @@ def load(
     `m(tokens)` on int tokens [B, T] returns the main logits [B, T, V]; `m.forward` also returns
     MTP logits and routing statistics.
     """
+    from deepseek_jax.runtime import Runtime
+
     source = path if not isinstance(path, str | os.PathLike) else resolve(path)
-    cfg = replace_config(
-        source.model, compute_dtype=compute_dtype, param_dtype=param_dtype, scan_layers=scan_layers
+    rt = Runtime.of(
+        mesh_sharding,
+        compute_dtype=compute_dtype,
+        param_dtype=param_dtype,
+        scan_layers=scan_layers,
     )
-    graphdef, params, biases = load_weights(with_model(source, cfg), cfg, mesh_sharding)
+    graphdef, params, biases = load_weights(source, rt)
     return nnx.merge(graphdef, params, biases)
 
 
-def load_weights(source: Source, cfg: ModelConfig, mesh_sharding=None):
-    """(graphdef, params, router biases) of the model `cfg` with `source`'s weights, every array
-    placed on `mesh_sharding`'s mesh by its rules (one device without it)."""
+def load_weights(source: Source, rt):
+    """(graphdef, params, router biases) of `source`'s model run with `rt` (a
+    `deepseek_jax.runtime.Runtime`), every array placed on `rt.sharding`'s mesh by its rules
+    (one device without it)."""
     from deepseek_jax.model import DeepSeek
     from deepseek_jax.model.moe import RouterBias
     from deepseek_jax.sharding import state_shardings
 
+    cfg, mesh_sharding = source.model, rt.sharding
     graphdef, params, biases = nnx.split(
-        nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0))), nnx.Param, RouterBias
+        nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0), runtime=rt)), nnx.Param, RouterBias
     )
     one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 

@@ -18,7 +18,7 @@ from deepseek_jax.checkpoint.errors import CheckpointError
 from deepseek_jax.checkpoint.mapping import stack_layout
 from deepseek_jax.checkpoint.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointReader
 from deepseek_jax.checkpoint.training import newest_good_step, read_step_config
-from deepseek_jax.config import Config, ConfigError, ModelConfig, config_from_dict, from_hf_config
+from deepseek_jax.config import Config, ConfigError, ModelConfig, config_from_saved, from_hf_config
 from deepseek_jax.config import replace as replace_config
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,6 @@ class TrainingSource:
 
 
 Source = HFSource | ConvertedSource | TrainingSource
-
-
-def with_model(source: Source, model: ModelConfig) -> Source:
-    """`source` read as `model` (same weights, other dtypes or layer scan)."""
-    if isinstance(source, TrainingSource):
-        return dataclasses.replace(source, config=dataclasses.replace(source.config, model=model))
-    return dataclasses.replace(source, model=model)
 
 
 def is_hf_checkpoint(path: str) -> bool:
@@ -162,7 +155,7 @@ def _converted(path: str) -> ConvertedSource:
             raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
         if meta.get("version") != VERSION:
             raise ValueError(f"version {meta.get('version')!r} is not {VERSION}")
-        model = config_from_dict({"model": meta["model"]}).model
+        model = config_from_saved({"model": meta["model"]}).model
         layout = meta["layout"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as e:
         raise CheckpointError(f"{meta_path} is missing or garbled: {e}") from None

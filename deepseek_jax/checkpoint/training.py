@@ -40,7 +40,7 @@ import orbax.checkpoint as ocp
 
 from deepseek_jax.checkpoint.compare import check_same_model
 from deepseek_jax.checkpoint.errors import CheckpointError
-from deepseek_jax.config import Config, ConfigError, config_from_dict, to_dict
+from deepseek_jax.config import Config, ConfigError, config_from_saved, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def read_step_config(step_dir: str) -> Config:
     path = os.path.join(step_dir, "config", "metadata")
     try:
         with open(path) as f:
-            return config_from_dict(json.load(f))
+            return config_from_saved(json.load(f))
     except (OSError, ValueError, ConfigError) as e:
         raise CheckpointError(f"cannot read the run config {path}: {e}") from None
 
