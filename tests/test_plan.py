@@ -195,3 +195,18 @@ def test_sweep_candidates_cover_meshes_rules_and_remat():
     assert {f"{key}=full", f"{key}=none"} <= {o for c in got for o in c if o.startswith(key)}
     mine = sweep_candidates(cfg, 256, meshes=["fsdp=4,expert=64"], rules=["ep"], remats=["full"])
     assert mine == [["mesh.fsdp=4", "mesh.expert=64", "mesh.rules=ep", f"{key}=full"]]
+
+
+def test_plan_generate_holds_the_latent_cache_in_bf16(capsys):
+    """Decode: weights and cache in the compute dtype, rows split over the 4 chips."""
+    args = ["plan", "tiny", "--topology", "v5e-4", "--generate", "--batch", "8"]
+    code = main([*args, "--context", "512", "model.num_layers=2", "--json"])
+    (r,) = json.loads(capsys.readouterr().out)
+    assert code == 0 and r["fits"] and r["mode"] == "generate"
+    cfg = load_config("tiny")
+    m = cfg.model.mla
+    # 2 layers x 2 rows x 512 slots x (d_c + d_r) bf16, plus 2 int32 row lengths.
+    per_chip_cache = 2 * (8 // 4) * 512 * (m.kv_lora_rank + m.qk_rope_head_dim) * 2 + 2 * 4
+    assert r["state_bytes"]["cache"] == per_chip_cache
+    assert r["memory"]["argument_size_in_bytes"] >= r["state_bytes"]["params"] + per_chip_cache
+    assert r["roofline"]["tokens_per_chip"] == 2
