@@ -20,7 +20,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from deepseek_jax.config import Config, config_from_dict, to_dict
+from deepseek_jax.config import Config, config_from_saved, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Checkpointer:
         restored = self.manager.restore(
             step, args=ocp.args.Composite(config=ocp.args.JsonRestore())
         )
-        return config_from_dict(restored["config"])
+        return config_from_saved(restored["config"])
 
     def restore(self, abstract_state, config: Config, data_iterator=None, step: int | None = None):
         """Restore into `abstract_state` (ShapeDtypeStructs whose shardings pick the layout).

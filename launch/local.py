@@ -98,7 +98,7 @@ class Worker:
                 pass
 
     def close(self) -> None:
-        self.reader.join(timeout=5)
+        self.reader.join(timeout=30)
         self.log.close()
 
 

@@ -27,7 +27,7 @@ SMALL = [
     "train.progress_bar=false",
     "train.tensorboard=false",
     "train.eval_every=0",
-    "model.compute_dtype=float32",
+    "runtime.compute_dtype=float32",
 ]
 
 

@@ -144,12 +144,12 @@ def hf_to_orbax(
 
     Weights are stored as `dtype` (float32 or bfloat16); router gates and correction biases stay
     float32. FP8 weights are dequantized. `overrides` are dotted ModelConfig keys recorded in the
-    metadata (e.g. compute_dtype=bfloat16, remat=full); keys that change shapes are refused.
+    metadata (e.g. max_position_embeddings=8192); keys that change shapes are refused.
     """
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    _, cfg, block = open_hf(src, param_dtype=dtype)
+    _, cfg, block = open_hf(src)
     with CheckpointReader(src) as reader:
         cfg = without_absent_mtp(cfg, reader)
         cfg = _apply_overrides(cfg, overrides)

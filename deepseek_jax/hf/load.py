@@ -29,6 +29,7 @@ from deepseek_jax.hf.mapping import (
 )
 from deepseek_jax.hf.safetensors_io import INDEX_FILE, SINGLE_FILE, CheckpointReader
 from deepseek_jax.model import DeepSeek
+from deepseek_jax.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -189,17 +190,17 @@ def load(
     MTP logits and routing statistics.
     """
     path = os.fspath(path)
-    overrides = dict(compute_dtype=compute_dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+    knobs = dict(compute_dtype=compute_dtype, param_dtype=param_dtype, scan_layers=scan_layers)
     if os.path.isdir(path) and not is_hf_checkpoint(path):
         from deepseek_jax.hf.orbax_io import find_source, load_orbax
 
         if find_source(path, required=False) is not None:
-            return load_orbax(path, **overrides, mesh_sharding=mesh_sharding)
-    _, cfg, block = open_hf(path, **overrides)
+            return load_orbax(path, **knobs, mesh_sharding=mesh_sharding)
+    _, cfg, block = open_hf(path)
     with CheckpointReader(path) as reader:
         cfg = without_absent_mtp(cfg, reader)
         arrays = hf_to_arrays(cfg, reader, block)
-    model = from_arrays(cfg, arrays)
+    model = from_arrays(cfg, arrays, Runtime.of(mesh_sharding, **knobs))
     if mesh_sharding is not None:
         from deepseek_jax.sharding import state_shardings
 
@@ -208,9 +209,10 @@ def load(
     return model
 
 
-def from_arrays(cfg: ModelConfig, arrays: dict) -> DeepSeek:
-    """A model whose parameters are `arrays` (a nested dict matching our parameter tree)."""
-    abstract = nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0)))
+def from_arrays(cfg: ModelConfig, arrays: dict, runtime: Runtime | None = None) -> DeepSeek:
+    """A model whose parameters are `arrays` (a nested dict matching our parameter tree), run
+    with `runtime` (default `Runtime.default()`)."""
+    abstract = nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0), runtime=runtime))
     graphdef, state = nnx.split(abstract)
     expected = nnx.to_pure_dict(state)
     want = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(expected)}

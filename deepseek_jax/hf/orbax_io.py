@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from deepseek_jax.config import Config, ConfigError, ModelConfig, config_from_dict, replace
+from deepseek_jax.config import Config, ConfigError, ModelConfig, config_from_saved
 from deepseek_jax.hf.load import CheckpointError
 from deepseek_jax.hf.mapping import is_bias_leaf, leaf_specs, stack_layout
 
@@ -228,7 +228,7 @@ def find_source(path: str | os.PathLike, required: bool = True) -> Source | None
     config_path = os.path.join(step, "config", "metadata")
     try:
         with open(config_path) as f:
-            config = config_from_dict(json.load(f))
+            config = config_from_saved(json.load(f))
     except (OSError, ValueError, ConfigError) as e:
         raise CheckpointError(f"cannot read the run config {config_path}: {e}") from None
     return Source("training", path, os.path.join(step, "state"), config.model, config=config)
@@ -243,7 +243,7 @@ def _converted(path: str) -> Source:
             raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
         if meta.get("version") != VERSION:
             raise ValueError(f"version {meta.get('version')!r} is not {VERSION}")
-        model = config_from_dict({"model": meta["model"]}).model
+        model = config_from_saved({"model": meta["model"]}).model
         layout = meta["layout"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as e:
         raise CheckpointError(f"{meta_path} is missing or garbled: {e}") from None
@@ -293,10 +293,9 @@ def restore(source: Source, abstract: dict) -> dict:
 
 
 def model_differences(a: ModelConfig, b: ModelConfig) -> dict[str, tuple]:
-    """Fields of two model configs that differ, ignoring the ones that do not change weights."""
-    ignore = {"param_dtype", "compute_dtype", "scan_layers", "remat", "init_std"}
-    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
-    return {k: (da[k], db[k]) for k in da if k not in ignore and da[k] != db[k]}
+    """Fields of two model configs that differ (those `==` compares: the architecture)."""
+    keys = [f.name for f in dataclasses.fields(ModelConfig) if f.compare]
+    return {k: (getattr(a, k), getattr(b, k)) for k in keys if getattr(a, k) != getattr(b, k)}
 
 
 def load_orbax(
@@ -313,17 +312,22 @@ def load_orbax(
     into its shards on the mesh, placed by the rules as in training: no host ever holds a
     whole stacked array, which is what lets a model larger than one host's memory load."""
     source = find_source(path)
-    cfg = replace(
-        source.model, compute_dtype=compute_dtype, param_dtype=param_dtype, scan_layers=scan_layers
-    )
+    cfg = source.model
     from flax import nnx
 
     from deepseek_jax.model import DeepSeek
     from deepseek_jax.model.moe import RouterBias
+    from deepseek_jax.runtime import Runtime
     from deepseek_jax.sharding import state_shardings
 
+    rt = Runtime.of(
+        mesh_sharding,
+        compute_dtype=compute_dtype,
+        param_dtype=param_dtype,
+        scan_layers=scan_layers,
+    )
     graphdef, params, biases = nnx.split(
-        nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0))), nnx.Param, RouterBias
+        nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0), runtime=rt)), nnx.Param, RouterBias
     )
     one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
@@ -339,7 +343,7 @@ def load_orbax(
         )
 
     restored = restore(
-        dataclasses.replace(source, model=cfg),
+        source,
         {"params": targets(params), "router_bias": targets(biases)},
     )
     nnx.replace_by_pure_dict(params, restored["params"])

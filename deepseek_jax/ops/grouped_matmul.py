@@ -9,7 +9,8 @@ Implementations, picked by `runtime.grouped_matmul`:
 - `ragged_dot`: `jax.lax.ragged_dot`, portable (the reference).
 - `megablox`: the TPU Pallas kernel `jax.experimental.pallas.ops.tpu.megablox.gmm` (with its own
   VJP); runs anywhere else in Pallas interpret mode, which is slow and only meant for tests.
-- `auto`: megablox on TPU, ragged_dot elsewhere.
+- `blocked` (`ops/gmm_blocked.py`): only the tiles of routed rows, one batched dot; for CPU.
+- `auto`: megablox on TPU, blocked on CPU, ragged_dot elsewhere.
 Other kernels register themselves with `register(name, fn)` (e.g. a CPU kernel from `ops/gmm_*`).
 """
 
@@ -19,6 +20,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from deepseek_jax.ops.gmm_blocked import gmm_blocked
 
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -53,7 +56,9 @@ def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
     return tm, _tile(k, 1024), _tile(n, 1024)
 
 
-def _megablox(x_md: jax.Array, w_EDF: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
+def _megablox(
+    x_md: jax.Array, w_EDF: jax.Array, group_sizes_e: jax.Array, *, interpret: bool = False
+) -> jax.Array:
     from jax.experimental.pallas.ops.tpu.megablox import gmm
 
     m, k = x_md.shape
@@ -71,12 +76,17 @@ def _megablox(x_md: jax.Array, w_EDF: jax.Array, group_sizes_e: jax.Array) -> ja
         group_sizes_e.astype(jnp.int32),
         preferred_element_type=x_md.dtype,
         tiling=(tm, tk, tn),
-        interpret=jax.default_backend() != "tpu",
+        interpret=interpret,
     )
     return jnp.where(valid_m[:, None], out_md, 0)[:m]
 
 
-IMPLS: dict[str, GroupedMatmul] = {"ragged_dot": _ragged_dot, "megablox": _megablox}
+# blocked: computes only the routed row tiles; XLA:CPU runs ragged_dot densely over every expert.
+IMPLS: dict[str, GroupedMatmul] = {
+    "ragged_dot": _ragged_dot,
+    "megablox": _megablox,
+    "blocked": gmm_blocked,
+}
 
 
 def register(name: str, fn: GroupedMatmul) -> None:
@@ -87,10 +97,11 @@ def register(name: str, fn: GroupedMatmul) -> None:
     IMPLS[name] = fn
 
 
-def resolve(impl: str) -> str:
-    """The concrete implementation `impl` stands for on the current default backend."""
+def resolve(impl: str, platform: str | None = None) -> str:
+    """The implementation `impl` stands for on `platform` (default: the default backend)."""
+    platform = platform or jax.default_backend()
     if impl == "auto":
-        return "megablox" if jax.default_backend() == "tpu" else "ragged_dot"
+        return "megablox" if platform == "tpu" else "ragged_dot"
     if impl not in IMPLS:
         raise ValueError(
             f"runtime.grouped_matmul={impl!r} is not a grouped matmul; choose from "
@@ -100,10 +111,22 @@ def resolve(impl: str) -> str:
 
 
 def grouped_matmul(
-    x_md: jax.Array, w_EDF: jax.Array, group_sizes_e: jax.Array, *, impl: str = "auto"
+    x_md: jax.Array,
+    w_EDF: jax.Array,
+    group_sizes_e: jax.Array,
+    *,
+    impl: str = "auto",
+    platform: str | None = None,
 ) -> jax.Array:
     """x_md [M, D] (rows sorted by group) times w_EDF [E, D, F] per group -> [M, F] in x's dtype.
 
     group_sizes_e [E] int32 splits the first sum(group_sizes) rows; the rest come out zero.
+    `platform` is where the program will run (the mesh's devices; default: the default backend),
+    which can differ from this host when compiling ahead of time for TPU.
     """
-    return IMPLS[resolve(impl)](x_md, w_EDF, group_sizes_e)
+    platform = platform or jax.default_backend()
+    name = resolve(impl, platform)
+    if name == "megablox":
+        # Off TPU the Pallas kernel runs interpreted (tests); on TPU it is the Mosaic kernel.
+        return _megablox(x_md, w_EDF, group_sizes_e, interpret=platform != "tpu")
+    return IMPLS[name](x_md, w_EDF, group_sizes_e)

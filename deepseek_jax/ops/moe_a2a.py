@@ -38,14 +38,18 @@ import jax.numpy as jnp
 from deepseek_jax.ops.grouped_matmul import grouped_matmul
 
 
-def grouped_swiglu(x_md, group_sizes_e, gate_EDF, up_EDF, down_EFD, *, impl: str = "auto"):
+def grouped_swiglu(
+    x_md, group_sizes_e, gate_EDF, up_EDF, down_EFD, *, impl: str = "auto", platform=None
+):
     """Each expert's SwiGLU down(silu(gate x) ⊙ up x) over its contiguous rows of x (SPEC §3).
 
-    Rows sorted by expert; rows past sum(group_sizes) come out zero.
+    Rows sorted by expert; rows past sum(group_sizes) come out zero. `impl` and `platform` go to
+    `grouped_matmul`.
     """
-    gate_mf = grouped_matmul(x_md, gate_EDF, group_sizes_e, impl=impl)
-    up_mf = grouped_matmul(x_md, up_EDF, group_sizes_e, impl=impl)
-    return grouped_matmul(jax.nn.silu(gate_mf) * up_mf, down_EFD, group_sizes_e, impl=impl)
+    kw = dict(impl=impl, platform=platform)
+    gate_mf = grouped_matmul(x_md, gate_EDF, group_sizes_e, **kw)
+    up_mf = grouped_matmul(x_md, up_EDF, group_sizes_e, **kw)
+    return grouped_matmul(jax.nn.silu(gate_mf) * up_mf, down_EFD, group_sizes_e, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +60,7 @@ class A2APlan:
     peers: int
     buffer: int  # B: rows per peer per round
     impl: str  # grouped matmul implementation
+    platform: str  # where the program runs (the mesh's devices)
     exchange: str  # "ragged" (ragged_all_to_all) or "dense" (all_to_all of padded buffers)
 
 
@@ -203,6 +208,7 @@ def _forward(plan, x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD):
             up_EDF,
             down_EFD,
             impl=plan.impl,
+            platform=plan.platform,
         )
         out_pbd = _exchange(_unsort(out_md, perm_m, plan), recv_n, send_n, plan)
         w_pb = jnp.where(ok_pb, weights_nk.reshape(-1)[pair_pb], 0.0).astype(jnp.float32)
@@ -245,7 +251,9 @@ def _bwd(plan, residuals, dy_nd):
         got = got[perm_m]
 
         def experts(x_md, gate, up, down):
-            return grouped_swiglu(x_md, sizes_e, gate, up, down, impl=plan.impl)
+            return grouped_swiglu(
+                x_md, sizes_e, gate, up, down, impl=plan.impl, platform=plan.platform
+            )
 
         out_md, vjp = jax.vjp(experts, got[:, :d], gate_EDF, up_EDF, down_EFD)
         dx_md, dg, du, dd = vjp(got[:, d:].astype(out_md.dtype))

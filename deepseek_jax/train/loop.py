@@ -147,7 +147,7 @@ def state_from_weights(trainer: Trainer, path: str) -> TrainState:
     (Orbax checkpoints shard by shard, see `deepseek_jax.load`).
 
     Raises CheckpointMismatch, before reading any weights, if their model differs from the
-    run's in anything but dtypes, scan_layers, remat or init_std."""
+    run's (ModelConfig: the architecture; runtime knobs and init_std may differ)."""
     from flax import nnx
 
     from deepseek_jax.hf.load import (
@@ -171,7 +171,7 @@ def state_from_weights(trainer: Trainer, path: str) -> TrainState:
         raise CheckpointMismatch(
             f"train.init_from={path} holds a different model (theirs, this run's): {diff}"
         )
-    ours = trainer.cfg.model
+    ours = trainer.cfg.runtime
     model = load(
         path,
         compute_dtype=ours.compute_dtype,
@@ -189,20 +189,22 @@ def train(cfg: Config, log: Callable[[str], None] | None = None) -> list[dict]:
     Raises a UserError / ConfigError / CheckpointMismatch for a mistake found before compiling,
     Diverged after train.max_bad_steps non-finite steps in a row, and Preempted / Interrupted
     after saving a checkpoint on SIGTERM / SIGINT (see `deepseek_jax.errors` for exit codes)."""
+    preflight.check_config(cfg)
+    # Before the signal handlers: JAX's runtime installs its own SIGTERM notifier, which ours
+    # then replace (the loop, not Orbax's preemption sync, decides when to save).
+    distributed.initialize(cfg.distributed)
     with StopSignals() as signals:
         return _train(cfg, log, signals)
 
 
 def _train(cfg: Config, log: Callable[[str], None] | None, signals: StopSignals) -> list[dict]:
-    preflight.check_config(cfg)
-    distributed.initialize(cfg.distributed)
     tc = cfg.train
     is_main = jax.process_index() == 0
     log = log or (lambda msg: tqdm.tqdm.write(msg) if is_main else None)
     rundir.prepare(tc, log)
     mesh = sharding.make_mesh(cfg.mesh)
     trainer = Trainer.create(cfg, sharding.Sharding(mesh, sharding.rules_for(cfg.mesh.rules)))
-    state_shapes = jax.eval_shape(trainer.init)
+    state_shapes = preflight.state_shapes(trainer)
     preflight.check_shardable(cfg, trainer.batch_sharding, trainer.state_shardings, state_shapes)
     rows = process_rows(trainer.batch_sharding, tc.batch_size, tc.seq_len)
     train_iter, make_eval_iter = data_iterators(cfg, rows, log)
@@ -242,7 +244,7 @@ def _train(cfg: Config, log: Callable[[str], None] | None, signals: StopSignals)
 
     step_fn = trainer.jitted_step()
     n_devices = jax.device_count()
-    peak = tc.peak_flops_per_device or measure_peak_flops(cfg.model.compute_dtype)
+    peak = tc.peak_flops_per_device or measure_peak_flops(cfg.runtime.compute_dtype)
     flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
     log(
         f"training steps {start}..{tc.steps} on {n_devices} device(s), mesh {dict(mesh.shape)}, "
