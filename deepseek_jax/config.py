@@ -357,7 +357,20 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
+    # A failed save is reported at once and retried at the next save; this many failures in a
+    # row stop the run with a non-zero exit (the newest good checkpoint is kept).
+    max_save_failures: int = 3
     resume: bool = True
+    # train.resume=false on a run dir that already holds a run (checkpoints or metrics) is refused
+    # unless overwrite=true, which moves the old run aside to <run_dir>.old-<UTC time> first.
+    overwrite: bool = False
+    # Numerical guard: a step whose loss or gradient norm is not finite applies no update; this
+    # many in a row stop the run (exit code 3), the newest checkpoint being the last good one.
+    max_bad_steps: int = 5
+    # A loss above this factor times the median of the last loss_spike_window losses is logged
+    # as a spike (0 disables).
+    loss_spike_factor: float = 3.0
+    loss_spike_window: int = 50
     # Start a run that has no checkpoint yet from these weights (params and router biases, fresh
     # optimizer, step 0): a directory written by `deepseek-jax convert hf-to-orbax`, or any path
     # `deepseek_jax.load` accepts. "" starts from random weights. Resuming takes precedence.
@@ -380,7 +393,10 @@ class TrainConfig:
             "log_every",
             "checkpoint_every",
             "keep_checkpoints",
+            "max_save_failures",
             "eval_batches",
+            "max_bad_steps",
+            "loss_spike_window",
         ):
             _require(getattr(self, name) >= 1, f"{p}.{name}={getattr(self, name)} must be >= 1")
         _require(
@@ -395,6 +411,10 @@ class TrainConfig:
         )
         _require(self.warmup_steps >= 0, f"{p}.warmup_steps must be >= 0")
         _require(self.eval_every >= 0, f"{p}.eval_every must be >= 0 (0 disables evaluation)")
+        _require(
+            self.loss_spike_factor == 0 or self.loss_spike_factor > 1,
+            f"{p}.loss_spike_factor={self.loss_spike_factor} must be > 1 (or 0 to disable)",
+        )
         _require(
             self.init_from == self.init_from.strip(),
             f'{p}.init_from={self.init_from!r} has surrounding spaces; give a plain path or ""',
@@ -414,6 +434,16 @@ class DistributedConfig:
     process_id: int | None = None
     # CPU collectives between processes (tests, CPU clusters): gloo or mpi.
     cpu_collectives: Literal["gloo", "mpi"] = "gloo"
+    # A process that sends no heartbeat for this long is declared dead by the coordination
+    # service, and every other process then stops (JAX's default, 100 s, is raised to minutes
+    # by its retries; a short one bounds how long survivors hang after a crash).
+    heartbeat_timeout_s: int = 30
+    initialization_timeout_s: int = 300
+
+    def __post_init__(self):
+        p = "distributed"
+        for name in ("heartbeat_timeout_s", "initialization_timeout_s"):
+            _require(getattr(self, name) >= 1, f"{p}.{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,6 +471,9 @@ class DataConfig:
     num_workers: int = 0  # tokenizing worker processes (Grain mp_prefetch); 0: in-process
     read_threads: int = 4  # threads reading and tokenizing documents in each process
     prefetch_buffer_size: int = 64  # documents read ahead in each process
+    # A record that is not valid JSON, lacks text_field, or is not valid UTF-8: "error" stops
+    # before training with its file and line; "skip" leaves it out and logs how many were left.
+    on_bad_record: Literal["skip", "error"] = "error"
 
     def __post_init__(self):
         p = "data"
@@ -591,7 +624,14 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         _require(bool(sep) and bool(key), f"override '{item}' is not of the form key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(
+                f"override {key.strip()}={raw}: the value is not YAML ({problem}); quote it"
+            ) from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 

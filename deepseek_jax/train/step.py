@@ -238,6 +238,16 @@ class Trainer:
             if load.size
             else jnp.zeros((0,)),
         }
+        # Numerical guard: a non-finite loss or gradient norm applies nothing (params, optimizer
+        # state and router biases stay as they were); the step counter still advances, as its
+        # batch was consumed. The loop counts such steps and stops after train.max_bad_steps.
+        finite = jnp.isfinite(obj) & jnp.isfinite(grad_norm)
+        params, opt_state, router_bias = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (params, opt_state, router_bias),
+            (state.params, state.opt_state, state.router_bias),
+        )
+        metrics["bad_step"] = jnp.logical_not(finite).astype(jnp.int32)
         new_state = TrainState(
             step=state.step + 1, params=params, router_bias=router_bias, opt_state=opt_state
         )

@@ -1,0 +1,75 @@
+"""The blocked grouped matmul equals jax.lax.ragged_dot: values and gradients, every layout."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax.ops.gmm_blocked import gmm_blocked, num_tiles, tile_rows
+
+
+def _problem(seed, m, e, d, f, total, empty=(), dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    sizes = rng.multinomial(total, np.ones(e) / e) if total else np.zeros(e, np.int64)
+    for g in empty:  # move that group's rows to its neighbour
+        sizes[(g + 1) % e] += sizes[g]
+        sizes[g] = 0
+    x = jnp.asarray(rng.normal(size=(m, d)), dtype)
+    w = jnp.asarray(rng.normal(size=(e, d, f)), dtype)
+    ct = jnp.asarray(rng.normal(size=(m, f)), jnp.float32)
+    return x, w, jnp.asarray(sizes, jnp.int32), ct
+
+
+CASES = [
+    # m, e, d, f, rows in groups, empty groups, tile
+    (64, 4, 8, 6, 64, (), None),
+    (64, 4, 8, 6, 50, (1,), None),  # rows past sum(group_sizes)
+    (37, 5, 8, 6, 30, (0, 3), 4),  # empty first group, ragged tiles
+    (37, 5, 8, 6, 30, (2,), 1),  # one row per tile (the decode layout)
+    (200, 16, 16, 8, 200, (4, 5, 6), 8),
+    (10, 3, 4, 4, 0, (), 2),  # no routed rows at all
+    (48, 2, 8, 8, 48, (1,), 64),  # one tile bigger than all rows
+]
+
+
+@pytest.mark.parametrize("m,e,d,f,total,empty,tile", CASES)
+def test_matches_ragged_dot(m, e, d, f, total, empty, tile):
+    x, w, sizes, ct = _problem(0, m, e, d, f, total, empty)
+    ref = jax.lax.ragged_dot(x, w, sizes)
+    out = jax.jit(gmm_blocked, static_argnums=3)(x, w, sizes, tile)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert not np.any(np.asarray(out[int(sizes.sum()) :]))  # rows past the groups are zero
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(fn(x, w) * ct)
+
+    grads_ref = jax.grad(loss(lambda x, w: jax.lax.ragged_dot(x, w, sizes)), (0, 1))(x, w)
+    grads = jax.jit(jax.grad(loss(lambda x, w: gmm_blocked(x, w, sizes, tile)), (0, 1)))(x, w)
+    for got, want in zip(grads, grads_ref, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert not np.any(np.asarray(grads[0][int(sizes.sum()) :]))
+
+
+def test_bfloat16_matches_ragged_dot():
+    x, w, sizes, _ = _problem(1, 96, 8, 16, 8, 90, (3,), jnp.bfloat16)
+    out = gmm_blocked(x, w, sizes)
+    assert out.dtype == jnp.bfloat16
+    ref = jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), sizes)
+    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=0.1, rtol=2e-2)
+
+
+def test_tile_count_bounds_every_split():
+    """The static tile count covers the worst splits of M rows over G groups: every group one
+    row past a whole tile (most padding), and random splits."""
+    rng = np.random.default_rng(0)
+    for m, g in [(8192, 16), (8192, 64), (100, 7), (4, 16), (33, 4)]:
+        t = tile_rows(m, g)
+        assert t == 1 or g * (t - 1) <= m // 4
+        splits = [rng.multinomial(m, rng.dirichlet(np.ones(g))) for _ in range(200)]
+        per = m // g
+        adversarial = np.full(g, (per - 1) // t * t + 1 if per else 0)
+        adversarial[0] += m - adversarial.sum()
+        for sizes in [*splits, adversarial]:
+            assert num_tiles(m, g, t) >= sum(-(-int(s) // t) for s in sizes)
