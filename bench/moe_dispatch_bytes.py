@@ -74,6 +74,7 @@ def compile_layer(cfg, mesh_sharding, dispatch: str, n_per_chip: int, with_grad:
         arg((e, d, f), jnp.bfloat16, ("experts", "expert_embed", "mlp")),
         arg((e, d, f), jnp.bfloat16, ("experts", "expert_embed", "mlp")),
         arg((e, f, d), jnp.bfloat16, ("experts", "mlp", "expert_embed")),
+        arg((n, d), jnp.float32, ("batch", None)),  # an arbitrary output cotangent
     )
 
     @jax.named_scope("moe")  # plan/hlo.py's DISPATCH_SCOPE: collectives of the dispatch itself
@@ -93,15 +94,20 @@ def compile_layer(cfg, mesh_sharding, dispatch: str, n_per_chip: int, with_grad:
 
     if with_grad:
 
-        def fn(x, experts, weights, gate, up, down):
+        def fn(x, experts, weights, gate, up, down, cot):
+            # <y, cot> with cot an input: d(loss)/dy must not be a constant XLA can fold (the
+            # all-gather dispatch's backward gathers it).
             def loss(x, weights, gate, up, down):
-                return jnp.sum(layer(x, experts, weights, gate, up, down))
+                return jnp.sum(layer(x, experts, weights, gate, up, down) * cot)
 
             # The value too: the forward's exchanges are not needed by the gradient of a sum
             # (the a2a VJP recomputes what it needs) and would otherwise be dead code.
             return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))(x, weights, gate, up, down)
     else:
-        fn = layer
+
+        def fn(x, experts, weights, gate, up, down, cot):
+            return layer(x, experts, weights, gate, up, down)
+
     lowered = jax.jit(fn).lower(*args)
     return compile_program(lowered, sh.mesh.size)
 
@@ -149,7 +155,11 @@ def main() -> None:
         if not c.fits:
             print(f"  {dispatch}: does not fit ({c.error.splitlines()[0][:200]})")
             continue
-        traffic[dispatch] = sum(s.traffic_bytes for s in c.hlo.dispatch.values())
+        # Token traffic: what moves rows of x, y, dx, dy. The all-reduce inside the dispatch
+        # sums the expert-weight gradients over the non-expert axes, the same for both.
+        traffic[dispatch] = sum(
+            s.traffic_bytes for kind, s in c.hlo.dispatch.items() if kind != "all-reduce"
+        )
 
         def kinds(stats):
             return ", ".join(
@@ -160,13 +170,14 @@ def main() -> None:
 
         print(
             f"  {dispatch}: temporaries {c.memory.get('temp_size_in_bytes', 0) / GB:.2f} GB; "
-            f"inside the dispatch {traffic[dispatch] / GB:.3f} GB: {kinds(c.hlo.dispatch)}; "
+            f"token traffic {traffic[dispatch] / GB:.3f} GB; inside the dispatch: "
+            f"{kinds(c.hlo.dispatch)}; "
             f"whole program: {kinds(c.hlo.collectives)}; "
             f"compile {time.perf_counter() - start:.0f} s"
         )
     if len(traffic) == 2 and traffic["all_to_all"] > 0:
         ratio = traffic["all_gather"] / traffic["all_to_all"]
-        print(f"  HLO all_gather / all_to_all dispatch bytes: {ratio:.1f}x")
+        print(f"  HLO all_gather / all_to_all token traffic: {ratio:.1f}x")
 
 
 if __name__ == "__main__":

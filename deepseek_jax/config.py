@@ -357,6 +357,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
+    # A failed save is reported at once and retried at the next save; this many failures in a
+    # row stop the run with a non-zero exit (the newest good checkpoint is kept).
+    max_save_failures: int = 3
     resume: bool = True
     # train.resume=false on a run dir that already holds a run (checkpoints or metrics) is refused
     # unless overwrite=true, which moves the old run aside to <run_dir>.old-<UTC time> first.
@@ -390,6 +393,7 @@ class TrainConfig:
             "log_every",
             "checkpoint_every",
             "keep_checkpoints",
+            "max_save_failures",
             "eval_batches",
             "max_bad_steps",
             "loss_spike_window",

@@ -190,7 +190,8 @@ def test_ragged_exchange_offsets(params, monkeypatch, kind, factor):
 
 
 def test_buffer_rows():
-    assert moe_a2a.buffer_rows(32768, 64, 1.25) == 640  # V3 at EP 64: 512 mean, ×1.25, 128-tiled
+    assert moe_a2a.buffer_rows(32768, 64, 1.25) == 640  # V3 at EP 64: 512 mean, ×1.25
+    assert moe_a2a.buffer_rows(8192, 64, 1.25) == 160
     assert moe_a2a.buffer_rows(64, 8, 1.25) == 16  # 10 rounded up to a sublane tile of 8
     assert moe_a2a.buffer_rows(64, 2, 4.0) == 64  # never more than every row
     assert moe_a2a.buffer_rows(64, 8, 0.01) == 8

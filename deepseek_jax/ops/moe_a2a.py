@@ -7,8 +7,8 @@ experts [p·E_l, (p+1)·E_l)). For its own n tokens and their K choices each dev
 2. exchanges per-(peer, local expert) counts with an `all_to_all` of counts, so every device
    knows how many rows it sends to and receives from each peer, and for which of its experts;
 3. sends its rows in rounds: in round r the rows [r·B, (r+1)·B) of its block for peer p go to
-   p, with B = the per-peer buffer (`moe_a2a_buffer_factor` × the mean load m/P, rounded up to a
-   tile). The number of rounds is what the most loaded (sender, receiver) pair needs, agreed
+   p, with B = the per-peer buffer (`moe_a2a_buffer_factor` × the mean load m/P, rounded up to
+   8 rows). The number of rounds is what the most loaded (sender, receiver) pair needs, agreed
    with a `pmax`; with balanced routing that is one round. No row is ever dropped, and every
    buffer is [P, B, D] whatever the routing: memory is bounded by the buffer, not the worst case;
 4. the receiver sorts what arrived by local expert, runs the expert SwiGLU on a grouped matmul
@@ -65,14 +65,14 @@ class A2APlan:
 
 
 def buffer_rows(pairs: int, peers: int, factor: float) -> int:
-    """B, rows per peer per round: `factor` × the mean load pairs/P, rounded up to a tile.
+    """B, rows per peer per round: `factor` × the mean load pairs/P, rounded up to 8 rows.
 
-    The tile is 128 rows (a TPU MXU/gmm tile) once B is that large, else 8 (a sublane tile).
-    More than `pairs` never helps: one round then carries any routing.
+    8 rows is a sublane tile; coarser rounding would only add padding to dense exchanges (the
+    grouped matmul pads to its own tiles). More than `pairs` never helps: one round then carries
+    any routing.
     """
     want = max(1, -(-int(factor * pairs) // peers))
-    tile = 128 if want >= 128 else 8
-    return min(-(-want // tile) * tile, pairs)
+    return min(-(-want // 8) * 8, pairs)
 
 
 def exchange_kind(platform: str) -> str:
