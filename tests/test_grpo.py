@@ -169,3 +169,13 @@ def test_cli_bad_key_is_one_line(capsys):
     assert main(["grpo", "r1zero_addition", "grpo.group_size=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "grpo.group_size=1 must be >= 2" in err and len(err.splitlines()) == 1
+
+
+def test_speculative_rollouts_report_acceptance():
+    trainer = GRPOTrainer(post("grpo.speculative_rollouts=true"))
+    state = random_train_state(trainer)
+    groups = trainer.collect(state, np.random.default_rng(0), jax.random.key(0))
+    assert groups.logps is None  # the speculative path records no log-probs
+    assert 0 <= groups.stats["spec_acceptance_rate"] <= 1
+    assert all(0 < len(c) <= 12 for c in groups.completions)
+    assert groups.stats["rollout_tokens"] == sum(map(len, groups.completions))
