@@ -107,6 +107,7 @@ def test_pack_masks_prompt_and_padding():
     np.testing.assert_array_equal(b["rollout_logp"], [[0, 0, -1, -2, 0, 0], [-3, -4, -5, 0, 0, 0]])
 
 
+@pytest.mark.slow
 def test_mesh_matches_one_device():
     """Rollouts, rewards and every update's losses on a (data=2, expert=4) mesh equal one
     device's, with μ = 2, a k3 KL to a reference and the router bias updating."""
@@ -136,6 +137,7 @@ def test_mesh_matches_one_device():
     assert results[0][1]["kl"] > 0
 
 
+@pytest.mark.slow
 def test_short_run_raises_mean_reward():
     """15 steps from random weights on the addition prompts: the mean reward (share of digits
     in the completion) must rise by 0.15 or more between the first and last three steps."""
