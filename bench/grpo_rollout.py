@@ -17,8 +17,8 @@ import time
 import jax
 import numpy as np
 
+from deepseek_jax.checkpoint import load
 from deepseek_jax.data.tokenizer import ByteTokenizer
-from deepseek_jax.hf.load import load
 from deepseek_jax.post.rollout import sample_completions
 from deepseek_jax.post.tasks import AdditionTask
 

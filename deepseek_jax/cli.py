@@ -9,11 +9,10 @@ import traceback
 
 import yaml
 
-from deepseek_jax.checkpoint import CheckpointMismatch
+from deepseek_jax.checkpoint import CheckpointError
+from deepseek_jax.checkpoint.convert import add_convert_parser
 from deepseek_jax.config import ConfigError, load_config
 from deepseek_jax.errors import EXIT_USER_ERROR, RunStopped, UserError
-from deepseek_jax.hf.convert import add_convert_parser
-from deepseek_jax.hf.load import CheckpointError
 from deepseek_jax.plan.cli import add_plan_parser
 from deepseek_jax.post.cli import add_post_parsers
 from deepseek_jax.sharding import ShardingError
@@ -23,7 +22,6 @@ USER_ERRORS = (
     ConfigError,
     UserError,
     CheckpointError,
-    CheckpointMismatch,
     ShardingError,
     FileNotFoundError,
     PermissionError,

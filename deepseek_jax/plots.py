@@ -23,7 +23,7 @@ from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from deepseek_jax.config import ConfigError, ModelConfig, config_from_dict
+from deepseek_jax.config import ConfigError, ModelConfig, config_from_saved
 
 Record = dict
 
@@ -185,7 +185,7 @@ def _model_config(run_dir: str) -> ModelConfig | None:
     path = os.path.join(run_dir, "config.json")
     try:
         with open(path) as f:
-            return config_from_dict(json.load(f)).model
+            return config_from_saved(json.load(f)).model
     except (OSError, json.JSONDecodeError, ConfigError):
         return None  # only used to name layers; generic names do otherwise
 

@@ -33,7 +33,7 @@ import time
 NOISE = re.compile(
     r"\[Gloo\]|gloo|^[IWE]\d{4} \d\d:\d\d|^WARNING: Logging before InitGoogle|TPU_|libtpu|"
     r"^=== Source Location Trace|^learning/|^external/|^Failed to find host bounds|"
-    r"absl::InitializeLog|^\s*$"
+    r"absl::InitializeLog|^\s+@\s+0x|^\s*$"
 )
 STEP = re.compile(r"^step\s+(\d+) loss (\S+)")
 
@@ -98,7 +98,7 @@ class Worker:
                 pass
 
     def close(self) -> None:
-        self.reader.join(timeout=5)
+        self.reader.join(timeout=30)
         self.log.close()
 
 

@@ -10,10 +10,17 @@ from flax import nnx
 
 from deepseek_jax.config import load_config, replace
 from deepseek_jax.model import DeepSeek
+from deepseek_jax.runtime import Runtime
+
+TINY = replace(load_config("tiny").model, init_std=0.05)
 
 
-def _loss_and_grads(cfg, state, tokens):
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0))))
+def _graphdef(rt: Runtime):
+    return nnx.graphdef(nnx.eval_shape(lambda: DeepSeek(TINY, nnx.Rngs(0), runtime=rt)))
+
+
+def _loss_and_grads(rt, state, tokens):
+    graphdef = _graphdef(rt)
 
     def loss(state):
         out = nnx.merge(graphdef, state).forward(tokens)
@@ -25,15 +32,16 @@ def _loss_and_grads(cfg, state, tokens):
         return jax.jit(jax.value_and_grad(loss))(state)
 
 
-@pytest.mark.parametrize(("remat", "scan"), [("full", True), ("dots", False)])
+@pytest.mark.parametrize(
+    ("remat", "scan"),
+    [("full", True), ("save_dots", False), ("save_dots_except_experts", True)],
+)
 def test_remat_gives_identical_loss_and_gradients(remat, scan):
-    base = replace(
-        load_config("tiny").model, compute_dtype="float32", init_std=0.05, scan_layers=scan
-    )
-    state = nnx.state(DeepSeek(base, nnx.Rngs(0)))
-    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, base.vocab_size)
+    base = Runtime.of(compute_dtype="float32", scan_layers=scan)
+    state = nnx.state(DeepSeek(TINY, nnx.Rngs(0), runtime=base))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, TINY.vocab_size)
     loss0, grads0 = _loss_and_grads(base, state, tokens)
-    loss1, grads1 = _loss_and_grads(replace(base, remat=remat), state, tokens)
+    loss1, grads1 = _loss_and_grads(base.replace(remat=remat), state, tokens)
     assert float(loss0) == pytest.approx(float(loss1), abs=1e-6)
     for g0, g1 in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1), strict=True):
         np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), atol=1e-6, rtol=1e-5)
@@ -41,12 +49,12 @@ def test_remat_gives_identical_loss_and_gradients(remat, scan):
 
 def test_remat_policy_is_in_the_compiled_program():
     """With remat=full the backward pass recomputes the forward: more dot ops are compiled."""
-    base = replace(load_config("tiny").model, compute_dtype="float32")
-    state = nnx.state(nnx.eval_shape(lambda: DeepSeek(base, nnx.Rngs(0))))
+    base = Runtime.of(compute_dtype="float32")
+    state = nnx.state(nnx.eval_shape(lambda: DeepSeek(TINY, nnx.Rngs(0), runtime=base)))
     tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
 
-    def count_dots(cfg):
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0))))
+    def count_dots(rt):
+        graphdef = _graphdef(rt)
 
         def loss(state, tokens):
             return nnx.merge(graphdef, state).forward(tokens).logits.mean()
@@ -54,4 +62,4 @@ def test_remat_policy_is_in_the_compiled_program():
         hlo = jax.jit(jax.grad(loss)).lower(state, tokens).as_text()
         return hlo.count("dot_general")
 
-    assert count_dots(replace(base, remat="full")) > count_dots(base)
+    assert count_dots(base.replace(remat="full")) > count_dots(base)

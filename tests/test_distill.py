@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from test_grpo import SMALL
 
-from deepseek_jax.checkpoint import Checkpointer
+from deepseek_jax.checkpoint import Checkpointer, load
 from deepseek_jax.config import ConfigError
-from deepseek_jax.hf.load import load
 from deepseek_jax.post.config import post_config_from_dict
 from deepseek_jax.post.distill import read_traces, run_distill
 from deepseek_jax.post.sft import distill_kl, sft_batches

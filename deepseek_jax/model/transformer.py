@@ -13,6 +13,7 @@ from deepseek_jax.model.block import run_stack, stacked, stacked_blocks
 from deepseek_jax.model.layers import Embed, RMSNorm, cast, param
 from deepseek_jax.model.mtp import MTPModule, shift_tokens
 from deepseek_jax.model.rope import rope_tables
+from deepseek_jax.runtime import Runtime
 
 
 @struct.dataclass
@@ -41,17 +42,22 @@ def layer_runs(kinds: tuple[str, ...]) -> list[tuple[str, int, int]]:
 class DeepSeek(nnx.Module):
     """Call it on int tokens [B, T] for logits [B, T, V]; `forward` returns everything."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, runtime: Runtime | None = None):
+        """`runtime` (dtypes, scan, remat, kernels, mesh) reaches every submodule as a static
+        attribute; None is `Runtime.default()` (one device, bf16 compute, fp32 params)."""
         self.cfg = cfg
+        self.rt = rt = Runtime.default() if runtime is None else runtime
         kinds = cfg.layer_kinds
         main, mtp = kinds[: cfg.num_layers], kinds[cfg.num_layers :]
-        self.embed = Embed(cfg, rngs)
+        self.embed = Embed(cfg, rngs, rt)
         n_dense, n_moe = main.count("dense"), main.count("moe")
-        self.dense_layers = stacked_blocks(cfg, "dense", n_dense, rngs) if n_dense else None
-        self.moe_layers = stacked_blocks(cfg, "moe", n_moe, rngs) if n_moe else None
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg)
-        self.lm_head_DV = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
-        self.mtp = _mtp_stack(cfg, mtp, rngs) if mtp else None
+        self.dense_layers = stacked_blocks(cfg, "dense", n_dense, rngs, rt) if n_dense else None
+        self.moe_layers = stacked_blocks(cfg, "moe", n_moe, rngs, rt) if n_moe else None
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg, rt)
+        self.lm_head_DV = param(
+            rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg, rt
+        )
+        self.mtp = _mtp_stack(cfg, mtp, rngs, rt) if mtp else None
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
         return self.forward(tokens_bt, with_mtp=False).logits
@@ -64,7 +70,7 @@ class DeepSeek(nnx.Module):
         return jnp.einsum(
             "btd,dv->btv",
             h_btd,
-            cast(self.lm_head_DV, self.cfg),
+            cast(self.lm_head_DV, self.rt),
             preferred_element_type=jnp.float32,
         )
 
@@ -88,8 +94,7 @@ class DeepSeek(nnx.Module):
                     segment_ids_bt,
                     start,
                     count,
-                    scan=self.cfg.scan_layers,
-                    remat=self.cfg.remat,
+                    self.rt,
                 )
             if aux:
                 auxes.append(aux)
@@ -138,11 +143,11 @@ class DeepSeek(nnx.Module):
         return rope_tables(self.cfg, positions_bt)
 
 
-def _mtp_stack(cfg: ModelConfig, kinds: tuple[str, ...], rngs: nnx.Rngs) -> MTPModule:
+def _mtp_stack(cfg: ModelConfig, kinds: tuple[str, ...], rngs: nnx.Rngs, rt: Runtime) -> MTPModule:
     """The MTP modules with parameters stacked along a leading 'layers' axis (one per depth)."""
     if len(set(kinds)) != 1:
         raise ValueError(f"MTP blocks must all be one kind (dense or moe), got {kinds}")
-    return stacked(lambda r: MTPModule(cfg, kinds[0], r), len(kinds), rngs)
+    return stacked(lambda r: MTPModule(cfg, kinds[0], r, rt), len(kinds), rngs)
 
 
 def _concat(auxes: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:

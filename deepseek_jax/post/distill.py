@@ -57,7 +57,7 @@ def teacher_traces(
     post: PostConfig, tokenizer: Tokenizer, log: Callable[[str], None], mesh_sharding=None
 ) -> tuple[list[dict], dict]:
     """Sample traces from the teacher on train-split problems; keep the accepted ones."""
-    from deepseek_jax.hf.load import load
+    from deepseek_jax.checkpoint import load
 
     d, g = post.distill, post.grpo
     teacher = load(d.teacher, mesh_sharding=mesh_sharding)
@@ -185,7 +185,7 @@ def run_distill(post: PostConfig, log: Callable[[str], None] = print) -> dict:
 def _teacher_logits_fn(path: str, vocab_size: int, mesh_sharding):
     from flax import nnx
 
-    from deepseek_jax.hf.load import load
+    from deepseek_jax.checkpoint import load
 
     if not path:
         raise ConfigError("distill.logit_weight > 0 needs distill.teacher (its logits)")

@@ -9,9 +9,14 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import NamedSharding
 
 from deepseek_jax.config import Config, ConfigError
+from deepseek_jax.model import DeepSeek
+from deepseek_jax.model.moe import RouterBias
+from deepseek_jax.train.step import TrainState
 
 
 def check_config(cfg: Config) -> None:
@@ -70,6 +75,15 @@ def _flat(part) -> list[str]:
     return [part] if isinstance(part, str) else list(part)
 
 
-def state_shapes_of(trainer) -> object:
-    """Shapes of the train state, without allocating it."""
-    return jax.eval_shape(trainer.init)
+def state_shapes(trainer) -> TrainState:
+    """Shapes and dtypes of the train state, computed without shardings (so that a layout that
+    does not divide can be reported by `check_shardable` rather than fail in JAX)."""
+    abstract = nnx.eval_shape(lambda: DeepSeek(trainer.cfg.model, nnx.Rngs(0)))
+    _, params, biases = nnx.split(abstract, nnx.Param, RouterBias)
+    params = nnx.to_pure_dict(params)
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        router_bias=nnx.to_pure_dict(biases),
+        opt_state=jax.eval_shape(trainer.tx.init, params),
+    )
