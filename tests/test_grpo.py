@@ -49,8 +49,8 @@ SMALL = {
             "routed_scaling_factor": 2.5,
         },
         "mtp": {"depth": 1},
-        "compute_dtype": "float32",
     },
+    "runtime": {"compute_dtype": "float32"},
     "train": {"learning_rate": 1e-3, "min_learning_rate": 1e-3, "warmup_steps": 0},
     "mesh": {"data": 1, "fsdp": -1},
     "grpo": {

@@ -198,8 +198,7 @@ def _teacher_logits_fn(path: str, vocab_size: int, mesh_sharding):
     graphdef, state = nnx.split(teacher)
 
     def logits(state, tokens_bt):
-        with sharding.use(mesh_sharding):
-            return nnx.merge(graphdef, state).forward(tokens_bt, with_mtp=False).logits
+        return nnx.merge(graphdef, state).forward(tokens_bt, with_mtp=False).logits
 
     fn = jax.jit(logits)
     return lambda tokens_bt: fn(state, tokens_bt)
