@@ -9,12 +9,12 @@ import traceback
 
 import yaml
 
-from deepseek_jax.checkpoint import CheckpointMismatch
+from deepseek_jax.checkpoint import CheckpointError
+from deepseek_jax.checkpoint.convert import add_convert_parser
 from deepseek_jax.config import ConfigError, load_config
 from deepseek_jax.errors import EXIT_USER_ERROR, RunStopped, UserError
-from deepseek_jax.hf.convert import add_convert_parser
-from deepseek_jax.hf.load import CheckpointError
 from deepseek_jax.plan.cli import add_plan_parser
+from deepseek_jax.post.cli import add_post_parsers
 from deepseek_jax.sharding import ShardingError
 
 # Mistakes the user can fix: printed as one line (exit code 2), the traceback only with --debug.
@@ -22,7 +22,6 @@ USER_ERRORS = (
     ConfigError,
     UserError,
     CheckpointError,
-    CheckpointMismatch,
     ShardingError,
     FileNotFoundError,
     PermissionError,
@@ -174,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.set_defaults(func=_generate)
     add_convert_parser(sub)
     add_plan_parser(sub)
+    add_post_parsers(sub)
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of errors (they are one line)"
     )

@@ -167,6 +167,9 @@ class MTPConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """The architecture: everything a checkpoint's weights must match (runtime knobs live in
+    `RuntimeConfig`)."""
+
     vocab_size: int = 129280
     hidden_size: int = 7168
     intermediate_size: int = 18432  # dense SwiGLU width
@@ -176,18 +179,13 @@ class ModelConfig:
     max_position_embeddings: int = 163840
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
-    init_std: float = 0.006  # SPEC §7
+    # How fresh weights are drawn (SPEC §7), not what they are: left out of ==, so that "does
+    # this checkpoint fit this model" stays one ModelConfig comparison.
+    init_std: float = dataclasses.field(default=0.006, compare=False)
     mla: MLAConfig = MLAConfig()
     moe: MoEConfig = MoEConfig()
     mtp: MTPConfig = MTPConfig()
     rope: RopeConfig = RopeConfig()
-    param_dtype: DType = "float32"
-    compute_dtype: DType = "bfloat16"
-    # Run each homogeneous run of layers under jax.lax.scan (False: a Python loop, same params).
-    scan_layers: bool = True
-    # Rematerialization of each block in the backward pass: none (keep all activations), full
-    # (recompute the block), dots (keep matmul outputs without batch dims, recompute the rest).
-    remat: Literal["none", "full", "dots"] = "none"
 
     def __post_init__(self):
         p = "model"
@@ -225,6 +223,53 @@ class ModelConfig:
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's magnitude correction 0.1·mscale·ln(factor) + 1 (1 when not extending)."""
     return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+# Keys that moved from `model:` to `runtime:`; an old-style key gets a one-line pointer.
+MOVED_TO_RUNTIME = ("param_dtype", "compute_dtype", "scan_layers", "remat")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How the model runs, never what it computes: dtypes, layer scan, rematerialization and
+    kernel choices. Two runs that differ only here load each other's checkpoints."""
+
+    param_dtype: DType = "float32"
+    compute_dtype: DType = "bfloat16"
+    # Run each homogeneous run of layers under jax.lax.scan (False: a Python loop, same params).
+    scan_layers: bool = True
+    # What each block keeps for the backward pass: none (everything), full (only its input),
+    # save_dots (matmul outputs), save_dots_except_experts (matmul outputs but not the routed
+    # experts' own, the largest), offload (the named MLA latents, attention and MoE outputs go
+    # to pinned host memory; TPU/GPU only). Names: see `deepseek_jax.model.remat`.
+    remat: Literal["none", "full", "save_dots", "save_dots_except_experts", "offload"] = "none"
+    # Attention kernel (deepseek_jax.ops.attention): xla (plain einsum + fp32 softmax, the
+    # reference), dpa_xla / dpa_cudnn (jax.nn.dot_product_attention), splash (TPU Pallas),
+    # chunked (online softmax over blocks of attention_chunk_size: no [T, T] score matrix).
+    attention: Literal["xla", "dpa_xla", "dpa_cudnn", "splash", "chunked"] = "xla"
+    attention_chunk_size: int = 512
+    # full: fp32 logits over the vocabulary; chunked: the loss in chunks of
+    # cross_entropy_chunk_size tokens, never holding [N, V] logits (deepseek_jax.ops).
+    cross_entropy: Literal["full", "chunked"] = "full"
+    cross_entropy_chunk_size: int = 4096
+    # Routed experts' grouped matmul and dispatch (deepseek_jax.model.dispatch); auto picks by
+    # backend and mesh.
+    grouped_matmul: Literal["auto", "ragged_dot", "megablox"] = "auto"
+    moe_dispatch: Literal["auto", "all_gather", "all_to_all"] = "auto"
+    # First all-to-all exchange buffer per peer, as a multiple of the mean load (overflow goes
+    # in further rounds: never dropped).
+    moe_a2a_buffer_factor: float = 1.25
+
+    def __post_init__(self):
+        p = "runtime"
+        for name in ("attention_chunk_size", "cross_entropy_chunk_size"):
+            v = getattr(self, name)
+            _require(v >= 1, f"{p}.{name}={v} must be >= 1 (a chunk length in tokens)")
+        _require(
+            self.moe_a2a_buffer_factor > 0,
+            f"{p}.moe_a2a_buffer_factor={self.moe_a2a_buffer_factor} must be positive "
+            "(1.0 sizes the first exchange for a perfectly balanced load)",
+        )
 
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -312,6 +357,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
+    # A failed save is reported at once and retried at the next save; this many failures in a
+    # row stop the run with a non-zero exit (the newest good checkpoint is kept).
+    max_save_failures: int = 3
     resume: bool = True
     # train.resume=false on a run dir that already holds a run (checkpoints or metrics) is refused
     # unless overwrite=true, which moves the old run aside to <run_dir>.old-<UTC time> first.
@@ -345,6 +393,7 @@ class TrainConfig:
             "log_every",
             "checkpoint_every",
             "keep_checkpoints",
+            "max_save_failures",
             "eval_batches",
             "max_bad_steps",
             "loss_spike_window",
@@ -452,9 +501,11 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Root config: the model, the device mesh, training and multi-process settings."""
+    """Root config: the model, how it runs, the device mesh, training and multi-process
+    settings."""
 
     model: ModelConfig = ModelConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
     distributed: DistributedConfig = DistributedConfig()
@@ -543,6 +594,11 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
 
 
 def _unknown_key(key: str, name: str, names: Sequence[str], prefix: str) -> typing.NoReturn:
+    if prefix == "model" and name in MOVED_TO_RUNTIME:
+        raise ConfigError(
+            f"'{key}' moved to 'runtime.{name}' (runtime knobs are apart from the architecture); "
+            f"write runtime.{name}=..."
+        )
     close = difflib.get_close_matches(name, names, n=3)
     dotted = [f"'{prefix + '.' if prefix else ''}{c}'" for c in close]
     hint = f"; did you mean {' or '.join(dotted)}?" if close else ""
@@ -591,6 +647,24 @@ def _merge(base: dict, update: Mapping) -> dict:
 
 def config_from_dict(values: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
     return _build(Config, _merge(dict(values), parse_overrides(overrides)), "")
+
+
+def config_from_saved(values: Mapping[str, Any]) -> Config:
+    """A Config from a dict this project saved (checkpoint metadata, run config.json), also one
+    written before the runtime keys left `model:`: those are moved to `runtime:` so that no saved
+    run becomes unreadable. User YAML and overrides get no such help (they must be fixed)."""
+    values = dict(values)
+    model = dict(values.get("model") or {})
+    runtime = dict(values.get("runtime") or {})
+    for name in MOVED_TO_RUNTIME:
+        if name in model:
+            value = model.pop(name)
+            runtime.setdefault(name, "save_dots" if (name, value) == ("remat", "dots") else value)
+    if model:
+        values["model"] = model
+    if runtime:
+        values["runtime"] = runtime
+    return config_from_dict(values)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -683,7 +757,7 @@ def from_hf_config(hf: Mapping[str, Any] | str | os.PathLike, **overrides: Any) 
 
     Accepts `rope_scaling` (hub files, key `type`) and `rope_parameters` (transformers 5.x, key
     `rope_type`). Keys that do not change the math (use_cache, initializer_range, ...) are ignored.
-    `overrides` are dotted ModelConfig fields, e.g. compute_dtype="float32".
+    `overrides` are dotted ModelConfig fields, e.g. **{"mtp.depth": 0}.
     """
     if not isinstance(hf, Mapping):
         path = os.fspath(hf)
@@ -853,6 +927,7 @@ _PREFIX = {
     DistributedConfig: "distributed",
     DataConfig: "data",
     ModelConfig: "model",
+    RuntimeConfig: "runtime",
     MLAConfig: "model.mla",
     MoEConfig: "model.moe",
     MTPConfig: "model.mtp",

@@ -9,7 +9,8 @@ scheduler what happened:
 
     0    finished (train.steps reached)
     1    a bug: unexpected exception, traceback printed
-    2    a config, run-folder, data or checkpoint error, found before training
+    2    a config, run-folder, data or checkpoint error, found before training; or
+         train.max_save_failures checkpoint saves in a row failed (CheckpointError)
     3    diverged: train.max_bad_steps steps in a row had a non-finite loss or gradient norm;
          nothing was saved from them, the newest checkpoint is the last good one
     75   SIGTERM (preemption): a checkpoint was saved; run the same command to resume

@@ -20,8 +20,11 @@ from deepseek_jax.plan import format_result, parse_topology, plan  # noqa: E402
 from deepseek_jax.plan.hlo import summarize  # noqa: E402
 from deepseek_jax.train.step import Trainer  # noqa: E402
 
+# Megablox gmm (the TPU default) needs 128-multiples; tiny's 64-wide experts take ragged_dot.
+GMM = "runtime.grouped_matmul=ragged_dot"
 # Small enough to compile in seconds: one dense and one MoE layer, no MTP, 8 x 64 tokens.
 TINY = [
+    GMM,
     "model.num_layers=2",
     "model.mtp.depth=0",
     "train.batch_size=8",
@@ -145,6 +148,7 @@ def test_plan_cli_does_not_fit_exits_nonzero_with_json(capsys):
             "--topology",
             "v5e-1",
             "model.vocab_size=50000000",
+            GMM,
             "model.num_layers=2",
             "model.mtp.depth=0",
             "train.batch_size=1",
@@ -175,3 +179,38 @@ def test_topology_names():
         parse_topology("v5p-7")
     with pytest.raises(ValueError, match="expected e.g."):
         parse_topology("a100-8")
+
+
+def test_sweep_candidates_cover_meshes_rules_and_remat():
+    from deepseek_jax.plan.run import remat_key, sweep_candidates
+
+    cfg = load_config("deepseek-v3-671b")
+    got = sweep_candidates(cfg, 256)
+    key = remat_key(cfg)
+    meshes = {tuple(o for o in c if o.startswith("mesh.") and "rules" not in o) for c in got}
+    assert meshes == {
+        ("mesh.data=1", "mesh.fsdp=256", "mesh.expert=1"),
+        ("mesh.data=1", "mesh.fsdp=32", "mesh.expert=8"),
+        ("mesh.data=1", "mesh.fsdp=4", "mesh.expert=64"),
+    }
+    assert ["mesh.rules=fsdp"] == sorted(
+        {o for c in got if "mesh.expert=1" in c for o in c if "rules" in o}
+    )
+    assert {f"{key}=full", f"{key}=none"} <= {o for c in got for o in c if o.startswith(key)}
+    mine = sweep_candidates(cfg, 256, meshes=["fsdp=4,expert=64"], rules=["ep"], remats=["full"])
+    assert mine == [["mesh.fsdp=4", "mesh.expert=64", "mesh.rules=ep", f"{key}=full"]]
+
+
+def test_plan_generate_holds_the_latent_cache_in_bf16(capsys):
+    """Decode: weights and cache in the compute dtype, rows split over the 4 chips."""
+    args = ["plan", "tiny", "--topology", "v5e-4", "--generate", "--batch", "8"]
+    code = main([*args, "--context", "512", "model.num_layers=2", GMM, "--json"])
+    (r,) = json.loads(capsys.readouterr().out)
+    assert code == 0 and r["fits"] and r["mode"] == "generate"
+    cfg = load_config("tiny")
+    m = cfg.model.mla
+    # 2 layers x 2 rows x 512 slots x (d_c + d_r) bf16, plus 2 int32 row lengths.
+    per_chip_cache = 2 * (8 // 4) * 512 * (m.kv_lora_rank + m.qk_rope_head_dim) * 2 + 2 * 4
+    assert r["state_bytes"]["cache"] == per_chip_cache
+    assert r["memory"]["argument_size_in_bytes"] >= r["state_bytes"]["params"] + per_chip_cache
+    assert r["roofline"]["tokens_per_chip"] == 2

@@ -20,6 +20,7 @@ from jax.ad_checkpoint import checkpoint_name
 from deepseek_jax import sharding
 from deepseek_jax.ops.moe_a2a import A2APlan, a2a_routed_experts, buffer_rows, exchange_kind
 from deepseek_jax.ops.moe_a2a import grouped_swiglu as grouped_swiglu
+from deepseek_jax.runtime import Runtime
 
 DISPATCHES = ("auto", "all_gather", "all_to_all")
 
@@ -31,17 +32,19 @@ def _combine(out_md, slot_m, weights_nk):
     return jnp.einsum("nkd,nk->nd", out_nkd.astype(jnp.float32), weights_nk)
 
 
-def _local(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD, *, impl):
+def _local(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD, *, impl, platform=None):
     k = experts_nk.shape[1]
     flat_m = experts_nk.reshape(-1)
     order_m = jnp.argsort(flat_m, stable=True)
     sizes_e = jnp.bincount(flat_m, length=gate_EDF.shape[0]).astype(jnp.int32)
     x_md = checkpoint_name(x_nd[order_m // k], "moe_dispatch")
-    out_md = grouped_swiglu(x_md, sizes_e, gate_EDF, up_EDF, down_EFD, impl=impl)
+    out_md = grouped_swiglu(x_md, sizes_e, gate_EDF, up_EDF, down_EFD, impl=impl, platform=platform)
     return _combine(out_md, order_m, weights_nk)
 
 
-def _all_gather_shard(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD, *, axes, impl):
+def _all_gather_shard(
+    x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD, *, axes, impl, platform
+):
     """Per-device body: this device owns experts [e0, e0 + E_local)."""
     x_nd = jax.lax.all_gather(x_nd, axes, tiled=True)
     experts_nk = jax.lax.all_gather(experts_nk, axes, tiled=True)
@@ -61,7 +64,9 @@ def _all_gather_shard(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD, 
     # out of the grouped matmul as zero.
     slot_m = order_m[(start + jnp.arange(m)) % m]
     x_md = checkpoint_name(x_nd[slot_m // k], "moe_dispatch")
-    out_md = grouped_swiglu(x_md, local_sizes, gate_EDF, up_EDF, down_EFD, impl=impl)
+    out_md = grouped_swiglu(
+        x_md, local_sizes, gate_EDF, up_EDF, down_EFD, impl=impl, platform=platform
+    )
     y_nd = _combine(out_md, slot_m, weights_nk)
     return jax.lax.psum_scatter(y_nd, axes, scatter_dimension=0, tiled=True)
 
@@ -123,14 +128,17 @@ def dispatch_routed(
     tokens = P(batch or None)
     weights = P(ep or None)  # each device keeps whole matrices of its own experts
     mesh = mesh_sharding.mesh
+    # The mesh's devices say where the program runs (a TPU slice compiled ahead of time from a
+    # CPU host: megablox, ragged exchanges), not this host's default backend.
+    platform = mesh.devices.flat[0].platform
     if not ep:
         # Every device owns every expert: nothing to exchange, each device runs its own tokens.
         def body(*a):
-            return _local(*a, impl=impl)
+            return _local(*a, impl=impl, platform=platform)
     elif strategy == "all_gather":
 
         def body(*a):
-            return _all_gather_shard(*a, axes=ep, impl=impl)
+            return _all_gather_shard(*a, axes=ep, impl=impl, platform=platform)
     else:
         n_local = x_nd.shape[0] // mesh_sharding.axis_size("batch")
         pairs = n_local * experts_nk.shape[1]
@@ -139,7 +147,8 @@ def dispatch_routed(
             peers=ep_size,
             buffer=buffer_rows(pairs, ep_size, buffer_factor),
             impl=impl,
-            exchange=exchange_kind(mesh.devices.flat[0].platform),
+            platform=platform,
+            exchange=exchange_kind(platform),
         )
 
         def body(*a):
@@ -162,23 +171,13 @@ def routed_experts(
     up_EDF: jax.Array,
     down_EFD: jax.Array,
     *,
-    rt=None,
+    rt: Runtime,
 ) -> jax.Array:
     """Σ_k w_k·expert_{e_k}(x) for every token, [N, D] float32. x [N, D]; experts, weights [N, K].
 
-    The mesh and the knobs (moe_dispatch, grouped_matmul, moe_a2a_buffer_factor) come from the
-    runtime `rt`; without one, from the active `sharding.use` block and the defaults.
+    The mesh (None: one device) and the knobs (moe_dispatch, grouped_matmul,
+    moe_a2a_buffer_factor) come from the runtime `rt`.
     """
-    if rt is None:
-        return dispatch_routed(
-            x_nd,
-            experts_nk,
-            weights_nk,
-            gate_EDF,
-            up_EDF,
-            down_EFD,
-            mesh_sharding=sharding.current(),
-        )
     return dispatch_routed(
         x_nd,
         experts_nk,

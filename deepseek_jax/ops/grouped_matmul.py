@@ -56,7 +56,9 @@ def megablox_tiling(m: int, k: int, n: int) -> tuple[int, int, int]:
     return tm, _tile(k, 1024), _tile(n, 1024)
 
 
-def _megablox(x_md: jax.Array, w_EDF: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
+def _megablox(
+    x_md: jax.Array, w_EDF: jax.Array, group_sizes_e: jax.Array, *, interpret: bool = False
+) -> jax.Array:
     from jax.experimental.pallas.ops.tpu.megablox import gmm
 
     m, k = x_md.shape
@@ -74,7 +76,7 @@ def _megablox(x_md: jax.Array, w_EDF: jax.Array, group_sizes_e: jax.Array) -> ja
         group_sizes_e.astype(jnp.int32),
         preferred_element_type=x_md.dtype,
         tiling=(tm, tk, tn),
-        interpret=jax.default_backend() != "tpu",
+        interpret=interpret,
     )
     return jnp.where(valid_m[:, None], out_md, 0)[:m]
 
@@ -95,11 +97,11 @@ def register(name: str, fn: GroupedMatmul) -> None:
     IMPLS[name] = fn
 
 
-def resolve(impl: str) -> str:
-    """The concrete implementation `impl` stands for on the current default backend."""
+def resolve(impl: str, platform: str | None = None) -> str:
+    """The implementation `impl` stands for on `platform` (default: the default backend)."""
+    platform = platform or jax.default_backend()
     if impl == "auto":
-        backend = jax.default_backend()
-        return {"tpu": "megablox", "cpu": "blocked"}.get(backend, "ragged_dot")
+        return "megablox" if platform == "tpu" else "ragged_dot"
     if impl not in IMPLS:
         raise ValueError(
             f"runtime.grouped_matmul={impl!r} is not a grouped matmul; choose from "
@@ -109,10 +111,22 @@ def resolve(impl: str) -> str:
 
 
 def grouped_matmul(
-    x_md: jax.Array, w_EDF: jax.Array, group_sizes_e: jax.Array, *, impl: str = "auto"
+    x_md: jax.Array,
+    w_EDF: jax.Array,
+    group_sizes_e: jax.Array,
+    *,
+    impl: str = "auto",
+    platform: str | None = None,
 ) -> jax.Array:
     """x_md [M, D] (rows sorted by group) times w_EDF [E, D, F] per group -> [M, F] in x's dtype.
 
     group_sizes_e [E] int32 splits the first sum(group_sizes) rows; the rest come out zero.
+    `platform` is where the program will run (the mesh's devices; default: the default backend),
+    which can differ from this host when compiling ahead of time for TPU.
     """
-    return IMPLS[resolve(impl)](x_md, w_EDF, group_sizes_e)
+    platform = platform or jax.default_backend()
+    name = resolve(impl, platform)
+    if name == "megablox":
+        # Off TPU the Pallas kernel runs interpreted (tests); on TPU it is the Mosaic kernel.
+        return _megablox(x_md, w_EDF, group_sizes_e, interpret=platform != "tpu")
+    return IMPLS[name](x_md, w_EDF, group_sizes_e)

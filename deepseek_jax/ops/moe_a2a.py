@@ -7,8 +7,8 @@ experts [p·E_l, (p+1)·E_l)). For its own n tokens and their K choices each dev
 2. exchanges per-(peer, local expert) counts with an `all_to_all` of counts, so every device
    knows how many rows it sends to and receives from each peer, and for which of its experts;
 3. sends its rows in rounds: in round r the rows [r·B, (r+1)·B) of its block for peer p go to
-   p, with B = the per-peer buffer (`moe_a2a_buffer_factor` × the mean load m/P, rounded up to a
-   tile). The number of rounds is what the most loaded (sender, receiver) pair needs, agreed
+   p, with B = the per-peer buffer (`moe_a2a_buffer_factor` × the mean load m/P, rounded up to
+   8 rows). The number of rounds is what the most loaded (sender, receiver) pair needs, agreed
    with a `pmax`; with balanced routing that is one round. No row is ever dropped, and every
    buffer is [P, B, D] whatever the routing: memory is bounded by the buffer, not the worst case;
 4. the receiver sorts what arrived by local expert, runs the expert SwiGLU on a grouped matmul
@@ -38,14 +38,18 @@ import jax.numpy as jnp
 from deepseek_jax.ops.grouped_matmul import grouped_matmul
 
 
-def grouped_swiglu(x_md, group_sizes_e, gate_EDF, up_EDF, down_EFD, *, impl: str = "auto"):
+def grouped_swiglu(
+    x_md, group_sizes_e, gate_EDF, up_EDF, down_EFD, *, impl: str = "auto", platform=None
+):
     """Each expert's SwiGLU down(silu(gate x) ⊙ up x) over its contiguous rows of x (SPEC §3).
 
-    Rows sorted by expert; rows past sum(group_sizes) come out zero.
+    Rows sorted by expert; rows past sum(group_sizes) come out zero. `impl` and `platform` go to
+    `grouped_matmul`.
     """
-    gate_mf = grouped_matmul(x_md, gate_EDF, group_sizes_e, impl=impl)
-    up_mf = grouped_matmul(x_md, up_EDF, group_sizes_e, impl=impl)
-    return grouped_matmul(jax.nn.silu(gate_mf) * up_mf, down_EFD, group_sizes_e, impl=impl)
+    kw = dict(impl=impl, platform=platform)
+    gate_mf = grouped_matmul(x_md, gate_EDF, group_sizes_e, **kw)
+    up_mf = grouped_matmul(x_md, up_EDF, group_sizes_e, **kw)
+    return grouped_matmul(jax.nn.silu(gate_mf) * up_mf, down_EFD, group_sizes_e, **kw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +60,19 @@ class A2APlan:
     peers: int
     buffer: int  # B: rows per peer per round
     impl: str  # grouped matmul implementation
+    platform: str  # where the program runs (the mesh's devices)
     exchange: str  # "ragged" (ragged_all_to_all) or "dense" (all_to_all of padded buffers)
 
 
 def buffer_rows(pairs: int, peers: int, factor: float) -> int:
-    """B, rows per peer per round: `factor` × the mean load pairs/P, rounded up to a tile.
+    """B, rows per peer per round: `factor` × the mean load pairs/P, rounded up to 8 rows.
 
-    The tile is 128 rows (a TPU MXU/gmm tile) once B is that large, else 8 (a sublane tile).
-    More than `pairs` never helps: one round then carries any routing.
+    8 rows is a sublane tile; coarser rounding would only add padding to dense exchanges (the
+    grouped matmul pads to its own tiles). More than `pairs` never helps: one round then carries
+    any routing.
     """
     want = max(1, -(-int(factor * pairs) // peers))
-    tile = 128 if want >= 128 else 8
-    return min(-(-want // tile) * tile, pairs)
+    return min(-(-want // 8) * 8, pairs)
 
 
 def exchange_kind(platform: str) -> str:
@@ -203,6 +208,7 @@ def _forward(plan, x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD):
             up_EDF,
             down_EFD,
             impl=plan.impl,
+            platform=plan.platform,
         )
         out_pbd = _exchange(_unsort(out_md, perm_m, plan), recv_n, send_n, plan)
         w_pb = jnp.where(ok_pb, weights_nk.reshape(-1)[pair_pb], 0.0).astype(jnp.float32)
@@ -245,7 +251,9 @@ def _bwd(plan, residuals, dy_nd):
         got = got[perm_m]
 
         def experts(x_md, gate, up, down):
-            return grouped_swiglu(x_md, sizes_e, gate, up, down, impl=plan.impl)
+            return grouped_swiglu(
+                x_md, sizes_e, gate, up, down, impl=plan.impl, platform=plan.platform
+            )
 
         out_md, vjp = jax.vjp(experts, got[:, :d], gate_EDF, up_EDF, down_EFD)
         dx_md, dg, du, dd = vjp(got[:, d:].astype(out_md.dtype))

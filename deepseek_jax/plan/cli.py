@@ -33,6 +33,7 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--batch", type=int, help="--generate: sequences decoded together")
     p.add_argument("--context", type=int, help="--generate: latent cache length in tokens")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--hlo-out", metavar="FILE", help="write the compiled HLO text here")
     p.set_defaults(func=plan_command)
 
 
@@ -82,6 +83,7 @@ def _run(args: argparse.Namespace) -> int:
                     generate=args.generate,
                     batch=args.batch,
                     context=args.context,
+                    hlo_out=args.hlo_out,
                 )
             )
     if args.json:

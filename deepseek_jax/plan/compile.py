@@ -9,6 +9,7 @@ program needs more HBM than the chip has.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -52,6 +53,7 @@ class Compiled:
     xla_flops: float = 0.0
     xla_bytes_accessed: float = 0.0
     hlo: HloSummary | None = None
+    hlo_text: str = ""
 
 
 def _size(text: str) -> float | None:
@@ -124,13 +126,15 @@ def compile_program(lowered, n_devices: int) -> Compiled:
     }
     cost = exe.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    text = exe.as_text()
     return Compiled(
         fits=True,
         compile_seconds=seconds,
         memory=memory,
         xla_flops=float(cost.get("flops", 0.0)),
         xla_bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-        hlo=summarize(exe.as_text(), n_devices),
+        hlo=summarize(text, n_devices),
+        hlo_text=text,
     )
 
 
@@ -205,24 +209,41 @@ def lower_decode_step(cfg: Config, devices: list, batch: int, context: int) -> T
     """
     from flax import nnx
 
-    from deepseek_jax.config import replace
     from deepseek_jax.generate.cache import LatentCache
     from deepseek_jax.generate.decode import forward_with_cache
     from deepseek_jax.generate.loop import shard_cache
     from deepseek_jax.model import DeepSeek
 
-    dtype = cfg.model.compute_dtype
-    model_cfg = replace(cfg.model, param_dtype=dtype)
     mesh_sharding = make_mesh_sharding(cfg, devices)
     split = mesh_sharding.axis_size("batch")
     if batch % split:
         raise PlanError(
             f"--batch {batch} is not divisible by the {split} devices the batch is split over"
         )
-    abstract = nnx.eval_shape(lambda: DeepSeek(model_cfg, nnx.Rngs(0)))
+    if hasattr(cfg, "runtime"):  # the model is handed an explicit Runtime (dtypes, mesh)
+        from deepseek_jax.runtime import Runtime
+
+        dtype = cfg.runtime.compute_dtype
+        rt = Runtime(dataclasses.replace(cfg.runtime, param_dtype=dtype), mesh_sharding)
+        abstract = nnx.eval_shape(lambda: DeepSeek(cfg.model, nnx.Rngs(0), runtime=rt))
+        scope = contextlib.nullcontext
+
+        def constrain_cache(c):
+            return shard_cache(c, rt)
+    else:  # the mesh comes from the sharding.use() context
+        from deepseek_jax.config import replace
+
+        dtype = cfg.model.compute_dtype
+        model_cfg = replace(cfg.model, param_dtype=dtype)
+        abstract = nnx.eval_shape(lambda: DeepSeek(model_cfg, nnx.Rngs(0)))
+
+        def scope():
+            return sharding.use(mesh_sharding)
+
+        constrain_cache = shard_cache
     graphdef, state = nnx.split(abstract)
     state = _abstract(state, sharding.state_shardings(state, mesh_sharding))
-    m, n_layers = model_cfg.mla, model_cfg.num_layers
+    m, n_layers = cfg.model.mla, cfg.model.num_layers
     cache_dtype = jnp.dtype(dtype)
     rows = mesh_sharding.named((None, "batch", None, None))
     cache = LatentCache(
@@ -241,10 +262,11 @@ def lower_decode_step(cfg: Config, devices: list, batch: int, context: int) -> T
     )
 
     def step(state, tokens_b1, cache):
-        with sharding.use(mesh_sharding):
+        with scope():
             model = nnx.merge(graphdef, state)
             logits_btv, cache = forward_with_cache(model, tokens_b1, cache)
-            return jnp.argmax(logits_btv[:, -1], axis=-1).astype(jnp.int32), shard_cache(cache)
+            next_b = jnp.argmax(logits_btv[:, -1], axis=-1).astype(jnp.int32)
+            return next_b, constrain_cache(cache)
 
     lowered = jax.jit(step, donate_argnums=2).lower(state, tokens, cache)
     state_bytes = {

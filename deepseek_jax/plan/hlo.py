@@ -10,8 +10,10 @@ how `jax.lax.scan` and `fori_loop` lower; a loop whose trip count cannot be read
 counted in `unknown_trip_counts`.
 
 `hbm_bytes` is a rough loop-aware HBM traffic figure: operands plus results of every instruction
-outside fusions (a fusion reads its operands and writes its result once), times the multiplicity.
-It ignores TPU tile padding and on-chip reuse.
+outside fusions (a fusion reads its operands and writes its result once), times the multiplicity;
+a (fused) dynamic-slice reads only its slice and a dynamic-update-slice writes only its update,
+so a scan reading one layer of stacked weights counts one layer. It ignores TPU tile padding and
+on-chip reuse.
 
 Bytes moved by a collective, per device and per execution, with g the replica-group size and
 `in` the bytes of its operands on one device (ring algorithms, what crosses the links):
@@ -269,8 +271,9 @@ class CollectiveStats:
     traffic_bytes: float = 0.0  # bytes over the links per device (see module docstring)
 
 
-# Collectives the routed-expert dispatch issues: inside a shard_map within the MoE module.
-DISPATCH_SCOPE = re.compile(r'op_name="[^"]*\bmoe\b[^"]*/shard_map/')
+# Collectives the routed-expert dispatch issues: inside a shard_map (the only other shard_map in
+# the model wraps splash attention, under the "attention" scope).
+DISPATCH_SCOPE = re.compile(r'op_name="(?![^"]*attention)[^"]*/shard_map/')
 
 
 @dataclasses.dataclass
@@ -286,6 +289,49 @@ class HloSummary:
         return sum(c.traffic_bytes for c in self.collectives.values())
 
 
+def _fused_io(module: Module, comp: str) -> tuple[dict[int, float], float | None]:
+    """What a fusion really moves: parameters only read through dynamic-slices count the slices;
+    a root dynamic-update-slice writes (and its buffer parameter reads) only the update."""
+    instrs = module.computations.get(comp, [])
+    users: dict[str, list[Instr]] = {}
+    for ins in instrs:
+        for o in ins.operands:
+            users.setdefault(o, []).append(ins)
+    params: dict[int, float] = {}
+    root = instrs[-1] if instrs else None
+    out: float | None = None
+    if root is not None and root.opcode == "dynamic-update-slice" and len(root.operands) > 1:
+        out = type_bytes(module.types.get(root.operands[1], ""))
+    for ins in instrs:
+        if ins.opcode != "parameter" or not re.fullmatch(r"\d+", ins.args.strip()):
+            continue
+        uses = users.get(ins.name, [])
+        if uses and all(u.opcode == "dynamic-slice" and u.operands[0] == ins.name for u in uses):
+            params[int(ins.args)] = sum(type_bytes(u.type_text) for u in uses)
+        elif out is not None and uses == [root] and root.operands[0] == ins.name:
+            params[int(ins.args)] = 0.0  # updated in place
+    return params, out
+
+
+def _instr_traffic(module: Module, ins: Instr, cache: dict) -> float:
+    """HBM bytes one unfused instruction reads and writes (see `_fused_io` for slicing)."""
+    operands = [type_bytes(module.types.get(o, "")) for o in ins.operands]
+    result = type_bytes(ins.type_text)
+    if ins.opcode == "dynamic-slice":
+        return 2 * result
+    if ins.opcode == "dynamic-update-slice" and len(operands) > 1:
+        return 2 * operands[1]
+    if ins.opcode == "fusion":
+        callee = _CALLS.findall(ins.attrs)
+        if callee:
+            if callee[0] not in cache:
+                cache[callee[0]] = _fused_io(module, callee[0])
+            params, out = cache[callee[0]]
+            operands = [params.get(i, b) for i, b in enumerate(operands)]
+            result = result if out is None else out
+    return sum(operands) + result
+
+
 def summarize(text: str, n_devices: int) -> HloSummary:
     """Collective bytes by kind and HBM bytes of one device's step (see the module docstring)."""
     module = parse_module(text)
@@ -294,6 +340,7 @@ def summarize(text: str, n_devices: int) -> HloSummary:
     loops: list[tuple[str, int | None]] = []
     hbm = 0.0
     seen_ops: set[str] = set()
+    fusion_io: dict[str, tuple[dict[int, float], float | None]] = {}
 
     def visit(comp: str, mult: float, depth: int = 0) -> None:
         nonlocal hbm
@@ -318,8 +365,7 @@ def summarize(text: str, n_devices: int) -> HloSummary:
                     s.buffer_bytes += in_bytes * mult
                     s.traffic_bytes += _traffic(kind, in_bytes, g) * mult
             if not in_fusion and ins.opcode not in _NO_TRAFFIC:
-                operand_bytes = sum(type_bytes(module.types.get(o, "")) for o in ins.operands)
-                hbm += (operand_bytes + type_bytes(ins.type_text)) * mult
+                hbm += _instr_traffic(module, ins, fusion_io) * mult
             if ins.opcode == "while":
                 trips = _trip_count(module, ins)
                 loops.append((ins.name, trips))

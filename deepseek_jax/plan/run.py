@@ -57,11 +57,13 @@ def plan(
     generate: bool = False,
     batch: int | None = None,
     context: int | None = None,
+    hlo_out: str | None = None,
 ) -> PlanResult:
     """Compile the train step (or, with `generate`, one decode step) of `config` for `topology`.
 
     Train: the batch is `train.batch_size` sequences of `train.seq_len` tokens (set them with
     overrides). Generate: `batch` rows each attending to a latent cache of `context` tokens.
+    `hlo_out`: a file to write the compiled HLO text to (when it fits).
     """
     cfg = load_config(config, list(overrides))
     topo = parse_topology(topology) if isinstance(topology, str) else topology
@@ -82,6 +84,9 @@ def plan(
         tokens = b * t
         factor = _recompute_factor(remat_of(cfg))
     compiled = compile_program(program.lowered, program.n_devices)
+    if hlo_out and compiled.hlo_text:
+        with open(hlo_out, "w") as f:
+            f.write(compiled.hlo_text)
     chips = topo.chips
     result = PlanResult(
         mode="generate" if generate else "train",

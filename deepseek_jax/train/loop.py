@@ -21,7 +21,7 @@ import numpy as np
 import tqdm
 
 from deepseek_jax import sharding
-from deepseek_jax.checkpoint import Checkpointer, CheckpointMismatch, abstract_like
+from deepseek_jax.checkpoint import Checkpointer, abstract_like
 from deepseek_jax.config import Config, ConfigError, to_dict
 from deepseek_jax.data import make_iterator, make_source
 from deepseek_jax.errors import DataError, Diverged, Interrupted, Preempted
@@ -146,34 +146,18 @@ def state_from_weights(trainer: Trainer, path: str) -> TrainState:
     directory, a training run or an HF checkpoint), loaded onto the trainer's mesh by its rules
     (Orbax checkpoints shard by shard, see `deepseek_jax.load`).
 
-    Raises CheckpointMismatch, before reading any weights, if their model differs from the
-    run's in anything but dtypes, scan_layers, remat or init_std."""
+    Raises CheckpointError, before reading any weights, if their model differs from the
+    run's (ModelConfig: the architecture; runtime knobs and init_std may differ)."""
     from flax import nnx
 
-    from deepseek_jax.hf.load import (
-        is_hf_checkpoint,
-        load,
-        open_hf,
-        without_absent_mtp,
-    )
-    from deepseek_jax.hf.orbax_io import find_source, model_differences
-    from deepseek_jax.hf.safetensors_io import CheckpointReader
+    from deepseek_jax.checkpoint import check_same_model, load, resolve
     from deepseek_jax.model.moe import RouterBias
 
-    if is_hf_checkpoint(path):
-        _, model_cfg, _ = open_hf(path)
-        with CheckpointReader(path) as reader:
-            model_cfg = without_absent_mtp(model_cfg, reader)
-    else:
-        model_cfg = find_source(path, required=True).model
-    diff = model_differences(model_cfg, trainer.cfg.model)
-    if diff:
-        raise CheckpointMismatch(
-            f"train.init_from={path} holds a different model (theirs, this run's): {diff}"
-        )
-    ours = trainer.cfg.model
+    source = resolve(path)
+    check_same_model(source.model, trainer.cfg.model, f"train.init_from={path}")
+    ours = trainer.cfg.runtime
     model = load(
-        path,
+        source,
         compute_dtype=ours.compute_dtype,
         param_dtype=ours.param_dtype,
         mesh_sharding=trainer.mesh_sharding,
@@ -186,7 +170,7 @@ def train(cfg: Config, log: Callable[[str], None] | None = None) -> list[dict]:
     """Run (or resume) training up to cfg.train.steps; returns the metrics logged by this call
     (also appended to <run_dir>/metrics.jsonl).
 
-    Raises a UserError / ConfigError / CheckpointMismatch for a mistake found before compiling,
+    Raises a UserError / ConfigError / CheckpointError for a mistake found before compiling,
     Diverged after train.max_bad_steps non-finite steps in a row, and Preempted / Interrupted
     after saving a checkpoint on SIGTERM / SIGINT (see `deepseek_jax.errors` for exit codes)."""
     preflight.check_config(cfg)
@@ -214,7 +198,10 @@ def _train(cfg: Config, log: Callable[[str], None] | None, signals: StopSignals)
         every=tc.checkpoint_every,
         keep=tc.keep_checkpoints,
         async_save=tc.async_checkpointing,
+        max_failures=tc.max_save_failures,
+        log=log,
     )
+    ckpt.check_room(state_shapes)  # room for one checkpoint, before compiling
     metrics_path = os.path.join(tc.run_dir, "metrics.jsonl")
     if tc.resume and ckpt.latest_step() is not None:
         abstract = abstract_like(trainer.state_shardings, state_shapes)
@@ -244,7 +231,7 @@ def _train(cfg: Config, log: Callable[[str], None] | None, signals: StopSignals)
 
     step_fn = trainer.jitted_step()
     n_devices = jax.device_count()
-    peak = tc.peak_flops_per_device or measure_peak_flops(cfg.model.compute_dtype)
+    peak = tc.peak_flops_per_device or measure_peak_flops(cfg.runtime.compute_dtype)
     flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
     log(
         f"training steps {start}..{tc.steps} on {n_devices} device(s), mesh {dict(mesh.shape)}, "
@@ -270,6 +257,7 @@ def _train(cfg: Config, log: Callable[[str], None] | None, signals: StopSignals)
                 batch = to_global(next(train_iter), trainer.batch_sharding, tc.batch_size)
                 state, metrics = step_fn(state, batch)
                 step += 1
+                ckpt.poll()  # reports a failed background save as soon as it has failed
                 bar.update(1)
                 guard.watch(step, metrics)
                 guard.settle(newest_too=False)  # the previous step, while this one runs

@@ -1,6 +1,6 @@
 """The run folder: checked before anything compiles, and never mixed between two runs.
 
-    <run_dir>/checkpoints/<step>/   Orbax checkpoints (see checkpoint.py)
+    <run_dir>/checkpoints/<step>/   Orbax checkpoints (see checkpoint/training.py)
     <run_dir>/metrics.jsonl         one JSON line per logged step
     <run_dir>/tensorboard/          TensorBoard events
     <run_dir>/config.json           the resolved config of the latest start
