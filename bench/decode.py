@@ -13,6 +13,7 @@ little about an accelerator; compare methods with each other, on the same machin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -21,6 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepseek_jax.checkpoint.source import is_hf_checkpoint
+from deepseek_jax.checkpoint.training import newest_good_step
 from deepseek_jax.config import load_config
 from deepseek_jax.generate import (
     bytes_per_token,
@@ -29,13 +32,12 @@ from deepseek_jax.generate import (
     speculative_generate,
 )
 from deepseek_jax.generate.text import load_for_generation
-from deepseek_jax.hf.load import is_hf_checkpoint
-from deepseek_jax.hf.orbax_io import find_source
 
 
 def trained_tiny(run_dir: str, steps: int) -> str:
     """A run directory with a trained tiny model (the default main job), trained if empty."""
-    if find_source(run_dir, required=False) is None:
+    ckpts = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(ckpts) or newest_good_step(ckpts) is None:
         from deepseek_jax.train.loop import train
 
         print(f"# training tiny for {steps} steps into {run_dir} ...", flush=True)

@@ -5,12 +5,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import traceback
 
 import yaml
 
+from deepseek_jax.checkpoint import CheckpointError
+from deepseek_jax.checkpoint.convert import add_convert_parser
 from deepseek_jax.config import ConfigError, load_config
-from deepseek_jax.hf.convert import add_convert_parser
-from deepseek_jax.hf.load import CheckpointError
+from deepseek_jax.errors import EXIT_USER_ERROR, RunStopped, UserError
+from deepseek_jax.plan.cli import add_plan_parser
+from deepseek_jax.post.cli import add_post_parsers
+from deepseek_jax.sharding import ShardingError
+
+# Mistakes the user can fix: printed as one line (exit code 2), the traceback only with --debug.
+USER_ERRORS = (
+    ConfigError,
+    UserError,
+    CheckpointError,
+    ShardingError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -40,7 +57,11 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     from deepseek_jax.train.loop import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except RunStopped as e:
+        print(f"deepseek-jax: {e}", file=sys.stderr)
+        return e.exit_code
     return 0
 
 
@@ -151,15 +172,40 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--speculative", action="store_true", help="draft tokens with the MTP module")
     gen.set_defaults(func=_generate)
     add_convert_parser(sub)
-    args = parser.parse_args(argv)
+    add_plan_parser(sub)
+    add_post_parsers(sub)
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of errors (they are one line)"
+    )
+    args, extra = parser.parse_known_args(_debug_first(argv))
+    if extra:
+        # `plan CONFIG --topology T key=value ...`: overrides may follow the options.
+        if args.command != "plan" or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if getattr(args, "config", None) and "=" in args.config:
         # `deepseek-jax train key=value ...`: no config named, the default one with overrides.
         args.overrides, args.config = [args.config, *args.overrides], "tiny"
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"deepseek-jax: error: {e}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"deepseek-jax: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def _debug_first(argv: list[str] | None) -> list[str]:
+    """`--debug` is accepted anywhere on the line (it is the main parser's option)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in argv:
+        argv = ["--debug", *(a for a in argv if a != "--debug")]
+    return argv
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e) if not isinstance(e, KeyError) else str(e.args[0] if e.args else e)
+    return " ".join(text.split()) or type(e).__name__
 
 
 if __name__ == "__main__":

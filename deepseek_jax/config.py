@@ -167,6 +167,9 @@ class MTPConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    """The architecture: everything a checkpoint's weights must match (runtime knobs live in
+    `RuntimeConfig`)."""
+
     vocab_size: int = 129280
     hidden_size: int = 7168
     intermediate_size: int = 18432  # dense SwiGLU width
@@ -176,18 +179,13 @@ class ModelConfig:
     max_position_embeddings: int = 163840
     bos_token_id: int | None = 0
     eos_token_id: int | None = 1
-    init_std: float = 0.006  # SPEC §7
+    # How fresh weights are drawn (SPEC §7), not what they are: left out of ==, so that "does
+    # this checkpoint fit this model" stays one ModelConfig comparison.
+    init_std: float = dataclasses.field(default=0.006, compare=False)
     mla: MLAConfig = MLAConfig()
     moe: MoEConfig = MoEConfig()
     mtp: MTPConfig = MTPConfig()
     rope: RopeConfig = RopeConfig()
-    param_dtype: DType = "float32"
-    compute_dtype: DType = "bfloat16"
-    # Run each homogeneous run of layers under jax.lax.scan (False: a Python loop, same params).
-    scan_layers: bool = True
-    # Rematerialization of each block in the backward pass: none (keep all activations), full
-    # (recompute the block), dots (keep matmul outputs without batch dims, recompute the rest).
-    remat: Literal["none", "full", "dots"] = "none"
 
     def __post_init__(self):
         p = "model"
@@ -225,6 +223,53 @@ class ModelConfig:
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     """YaRN's magnitude correction 0.1·mscale·ln(factor) + 1 (1 when not extending)."""
     return 1.0 if factor <= 1.0 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+# Keys that moved from `model:` to `runtime:`; an old-style key gets a one-line pointer.
+MOVED_TO_RUNTIME = ("param_dtype", "compute_dtype", "scan_layers", "remat")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How the model runs, never what it computes: dtypes, layer scan, rematerialization and
+    kernel choices. Two runs that differ only here load each other's checkpoints."""
+
+    param_dtype: DType = "float32"
+    compute_dtype: DType = "bfloat16"
+    # Run each homogeneous run of layers under jax.lax.scan (False: a Python loop, same params).
+    scan_layers: bool = True
+    # What each block keeps for the backward pass: none (everything), full (only its input),
+    # save_dots (matmul outputs), save_dots_except_experts (matmul outputs but not the routed
+    # experts' own, the largest), offload (the named MLA latents, attention and MoE outputs go
+    # to pinned host memory; TPU/GPU only). Names: see `deepseek_jax.model.remat`.
+    remat: Literal["none", "full", "save_dots", "save_dots_except_experts", "offload"] = "none"
+    # Attention kernel (deepseek_jax.ops.attention): xla (plain einsum + fp32 softmax, the
+    # reference), dpa_xla / dpa_cudnn (jax.nn.dot_product_attention), splash (TPU Pallas),
+    # chunked (online softmax over blocks of attention_chunk_size: no [T, T] score matrix).
+    attention: Literal["xla", "dpa_xla", "dpa_cudnn", "splash", "chunked"] = "xla"
+    attention_chunk_size: int = 512
+    # full: fp32 logits over the vocabulary; chunked: the loss in chunks of
+    # cross_entropy_chunk_size tokens, never holding [N, V] logits (deepseek_jax.ops).
+    cross_entropy: Literal["full", "chunked"] = "full"
+    cross_entropy_chunk_size: int = 4096
+    # Routed experts' grouped matmul and dispatch (deepseek_jax.model.dispatch); auto picks by
+    # backend and mesh.
+    grouped_matmul: Literal["auto", "ragged_dot", "megablox"] = "auto"
+    moe_dispatch: Literal["auto", "all_gather", "all_to_all"] = "auto"
+    # First all-to-all exchange buffer per peer, as a multiple of the mean load (overflow goes
+    # in further rounds: never dropped).
+    moe_a2a_buffer_factor: float = 1.25
+
+    def __post_init__(self):
+        p = "runtime"
+        for name in ("attention_chunk_size", "cross_entropy_chunk_size"):
+            v = getattr(self, name)
+            _require(v >= 1, f"{p}.{name}={v} must be >= 1 (a chunk length in tokens)")
+        _require(
+            self.moe_a2a_buffer_factor > 0,
+            f"{p}.moe_a2a_buffer_factor={self.moe_a2a_buffer_factor} must be positive "
+            "(1.0 sizes the first exchange for a perfectly balanced load)",
+        )
 
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -312,7 +357,20 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     async_checkpointing: bool = True
+    # A failed save is reported at once and retried at the next save; this many failures in a
+    # row stop the run with a non-zero exit (the newest good checkpoint is kept).
+    max_save_failures: int = 3
     resume: bool = True
+    # train.resume=false on a run dir that already holds a run (checkpoints or metrics) is refused
+    # unless overwrite=true, which moves the old run aside to <run_dir>.old-<UTC time> first.
+    overwrite: bool = False
+    # Numerical guard: a step whose loss or gradient norm is not finite applies no update; this
+    # many in a row stop the run (exit code 3), the newest checkpoint being the last good one.
+    max_bad_steps: int = 5
+    # A loss above this factor times the median of the last loss_spike_window losses is logged
+    # as a spike (0 disables).
+    loss_spike_factor: float = 3.0
+    loss_spike_window: int = 50
     # Start a run that has no checkpoint yet from these weights (params and router biases, fresh
     # optimizer, step 0): a directory written by `deepseek-jax convert hf-to-orbax`, or any path
     # `deepseek_jax.load` accepts. "" starts from random weights. Resuming takes precedence.
@@ -335,7 +393,10 @@ class TrainConfig:
             "log_every",
             "checkpoint_every",
             "keep_checkpoints",
+            "max_save_failures",
             "eval_batches",
+            "max_bad_steps",
+            "loss_spike_window",
         ):
             _require(getattr(self, name) >= 1, f"{p}.{name}={getattr(self, name)} must be >= 1")
         _require(
@@ -350,6 +411,10 @@ class TrainConfig:
         )
         _require(self.warmup_steps >= 0, f"{p}.warmup_steps must be >= 0")
         _require(self.eval_every >= 0, f"{p}.eval_every must be >= 0 (0 disables evaluation)")
+        _require(
+            self.loss_spike_factor == 0 or self.loss_spike_factor > 1,
+            f"{p}.loss_spike_factor={self.loss_spike_factor} must be > 1 (or 0 to disable)",
+        )
         _require(
             self.init_from == self.init_from.strip(),
             f'{p}.init_from={self.init_from!r} has surrounding spaces; give a plain path or ""',
@@ -369,6 +434,16 @@ class DistributedConfig:
     process_id: int | None = None
     # CPU collectives between processes (tests, CPU clusters): gloo or mpi.
     cpu_collectives: Literal["gloo", "mpi"] = "gloo"
+    # A process that sends no heartbeat for this long is declared dead by the coordination
+    # service, and every other process then stops (JAX's default, 100 s, is raised to minutes
+    # by its retries; a short one bounds how long survivors hang after a crash).
+    heartbeat_timeout_s: int = 30
+    initialization_timeout_s: int = 300
+
+    def __post_init__(self):
+        p = "distributed"
+        for name in ("heartbeat_timeout_s", "initialization_timeout_s"):
+            _require(getattr(self, name) >= 1, f"{p}.{name}={getattr(self, name)} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,6 +471,9 @@ class DataConfig:
     num_workers: int = 0  # tokenizing worker processes (Grain mp_prefetch); 0: in-process
     read_threads: int = 4  # threads reading and tokenizing documents in each process
     prefetch_buffer_size: int = 64  # documents read ahead in each process
+    # A record that is not valid JSON, lacks text_field, or is not valid UTF-8: "error" stops
+    # before training with its file and line; "skip" leaves it out and logs how many were left.
+    on_bad_record: Literal["skip", "error"] = "error"
 
     def __post_init__(self):
         p = "data"
@@ -423,9 +501,11 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Root config: the model, the device mesh, training and multi-process settings."""
+    """Root config: the model, how it runs, the device mesh, training and multi-process
+    settings."""
 
     model: ModelConfig = ModelConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig()
     distributed: DistributedConfig = DistributedConfig()
@@ -514,6 +594,11 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
 
 
 def _unknown_key(key: str, name: str, names: Sequence[str], prefix: str) -> typing.NoReturn:
+    if prefix == "model" and name in MOVED_TO_RUNTIME:
+        raise ConfigError(
+            f"'{key}' moved to 'runtime.{name}' (runtime knobs are apart from the architecture); "
+            f"write runtime.{name}=..."
+        )
     close = difflib.get_close_matches(name, names, n=3)
     dotted = [f"'{prefix + '.' if prefix else ''}{c}'" for c in close]
     hint = f"; did you mean {' or '.join(dotted)}?" if close else ""
@@ -539,7 +624,14 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     for item in overrides:
         key, sep, raw = item.partition("=")
         _require(bool(sep) and bool(key), f"override '{item}' is not of the form key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(
+                f"override {key.strip()}={raw}: the value is not YAML ({problem}); quote it"
+            ) from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -555,6 +647,24 @@ def _merge(base: dict, update: Mapping) -> dict:
 
 def config_from_dict(values: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
     return _build(Config, _merge(dict(values), parse_overrides(overrides)), "")
+
+
+def config_from_saved(values: Mapping[str, Any]) -> Config:
+    """A Config from a dict this project saved (checkpoint metadata, run config.json), also one
+    written before the runtime keys left `model:`: those are moved to `runtime:` so that no saved
+    run becomes unreadable. User YAML and overrides get no such help (they must be fixed)."""
+    values = dict(values)
+    model = dict(values.get("model") or {})
+    runtime = dict(values.get("runtime") or {})
+    for name in MOVED_TO_RUNTIME:
+        if name in model:
+            value = model.pop(name)
+            runtime.setdefault(name, "save_dots" if (name, value) == ("remat", "dots") else value)
+    if model:
+        values["model"] = model
+    if runtime:
+        values["runtime"] = runtime
+    return config_from_dict(values)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
@@ -647,7 +757,7 @@ def from_hf_config(hf: Mapping[str, Any] | str | os.PathLike, **overrides: Any) 
 
     Accepts `rope_scaling` (hub files, key `type`) and `rope_parameters` (transformers 5.x, key
     `rope_type`). Keys that do not change the math (use_cache, initializer_range, ...) are ignored.
-    `overrides` are dotted ModelConfig fields, e.g. compute_dtype="float32".
+    `overrides` are dotted ModelConfig fields, e.g. **{"mtp.depth": 0}.
     """
     if not isinstance(hf, Mapping):
         path = os.fspath(hf)
@@ -817,6 +927,7 @@ _PREFIX = {
     DistributedConfig: "distributed",
     DataConfig: "data",
     ModelConfig: "model",
+    RuntimeConfig: "runtime",
     MLAConfig: "model.mla",
     MoEConfig: "model.moe",
     MTPConfig: "model.mtp",

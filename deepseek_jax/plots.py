@@ -23,7 +23,7 @@ from matplotlib.colors import ListedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from deepseek_jax.config import ConfigError, ModelConfig, config_from_dict
+from deepseek_jax.config import ConfigError, ModelConfig, config_from_saved
 
 Record = dict
 
@@ -121,6 +121,21 @@ def draw_learning_rate(ax: Axes, records: Sequence[Record]) -> None:
     ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
 
 
+def draw_rewards(ax: Axes, records: Sequence[Record]) -> None:
+    """GRPO runs: mean reward and training accuracy per step, held-out accuracy where logged."""
+    for key, style in (("reward_mean", "-"), ("accuracy", "-"), ("mtp_acceptance", ":")):
+        steps, values = _series(records, key)
+        if len(steps):
+            ax.plot(steps, values, style, label=key)
+    for key in ("eval_accuracy", "eval_accuracy_sampled"):
+        steps, values = _series(records, key)
+        if len(steps):
+            ax.plot(steps, values, "o-", label=key)
+    _step_axis(ax)
+    ax.set_title("rewards and accuracy")
+    ax.legend()
+
+
 # Beyond this many MoE layers, a legend or one tick label per layer would not be readable.
 _MAX_NAMED_ROWS = 12
 
@@ -170,7 +185,7 @@ def _model_config(run_dir: str) -> ModelConfig | None:
     path = os.path.join(run_dir, "config.json")
     try:
         with open(path) as f:
-            return config_from_dict(json.load(f)).model
+            return config_from_saved(json.load(f)).model
     except (OSError, json.JSONDecodeError, ConfigError):
         return None  # only used to name layers; generic names do otherwise
 
@@ -199,6 +214,11 @@ def plot_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     fig = Figure(figsize=(8, 5), layout="constrained")
     draw_losses(fig.add_subplot(), records)
     paths.append(_save(fig, os.path.join(out_dir, "loss.png")))
+
+    if any("reward_mean" in r for r in records):
+        fig = Figure(figsize=(8, 5), layout="constrained")
+        draw_rewards(fig.add_subplot(), records)
+        paths.append(_save(fig, os.path.join(out_dir, "rewards.png")))
 
     fig = Figure(figsize=(8, 4), layout="constrained")
     draw_learning_rate(fig.add_subplot(), records)

@@ -2,16 +2,14 @@
 
 Parameters carry logical names (`embed`, `experts`, ...; see `model/layers.py`) and activations
 are constrained with logical names too (`batch`). A preset of rules maps each name to zero or
-more mesh axes (`data`, `fsdp`, `expert`, `tensor`). Model code never names a mesh axis: it asks
-`constrain` or `current()` and this module resolves the names.
+more mesh axes (`data`, `fsdp`, `expert`, `tensor`). Model code never names a mesh axis: it holds
+a `Sharding` (through its `deepseek_jax.runtime.Runtime`) and this module resolves the names.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -134,7 +132,7 @@ def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
 
 @dataclasses.dataclass(frozen=True)
 class Sharding:
-    """A mesh and its rules: what the model consults at trace time."""
+    """A mesh and its rules, handed to the model inside its `Runtime`."""
 
     mesh: Mesh
     rules: Rules
@@ -152,31 +150,11 @@ class Sharding:
         return tuple(a for a in self.rules.mesh_axes(logical) if self.mesh.shape.get(a, 1) > 1)
 
 
-_CURRENT: contextvars.ContextVar[Sharding | None] = contextvars.ContextVar(
-    "deepseek_jax_sharding", default=None
-)
-
-
-@contextlib.contextmanager
-def use(sharding: Sharding | None) -> Iterator[None]:
-    """Make `sharding` visible to model code traced inside the block."""
-    token = _CURRENT.set(sharding)
-    try:
-        yield
-    finally:
-        _CURRENT.reset(token)
-
-
-def current() -> Sharding | None:
-    return _CURRENT.get()
-
-
-def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
-    """`with_sharding_constraint` by logical names; identity when no sharding is active."""
-    ctx = current()
-    if ctx is None:
+def constrain(x: jax.Array, axes: tuple[str | None, ...], sharding: Sharding | None) -> jax.Array:
+    """`with_sharding_constraint` by logical names on `sharding`'s mesh; identity for None."""
+    if sharding is None:
         return x
-    return jax.lax.with_sharding_constraint(x, ctx.named(axes))
+    return jax.lax.with_sharding_constraint(x, sharding.named(axes))
 
 
 def variable_axes(state: nnx.State) -> nnx.State:

@@ -9,6 +9,10 @@ import numpy as np
 from flax import nnx
 
 from deepseek_jax.model import DeepSeek
+from deepseek_jax.runtime import Runtime
+
+# Most numerics tests run in fp32 compute so that differences are the algorithm's, not bf16's.
+FP32 = Runtime.of(compute_dtype="float32")
 
 
 def random_state(make, seed: int = 0, std: float = 0.08, bias_std: float = 0.1):
@@ -30,6 +34,7 @@ def random_state(make, seed: int = 0, std: float = 0.08, bias_std: float = 0.1):
     return graphdef, jax.tree_util.tree_map_with_path(fill, state)
 
 
-def model_state(cfg, seed: int = 0, **kw):
-    """`random_state` of a whole DeepSeek model for `cfg`."""
-    return random_state(lambda: DeepSeek(cfg, nnx.Rngs(0)), seed, **kw)
+def model_state(cfg, seed: int = 0, *, runtime: Runtime | None = FP32, **kw):
+    """`random_state` of a whole DeepSeek model for `cfg`, run with `runtime` (default: one
+    device, fp32 compute; None is `Runtime.default()`, bf16 compute)."""
+    return random_state(lambda: DeepSeek(cfg, nnx.Rngs(0), runtime=runtime), seed, **kw)

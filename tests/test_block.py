@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +14,17 @@ from flax import nnx
 
 from deepseek_jax.config import load_config, replace
 from deepseek_jax.model import DeepSeek
+from deepseek_jax.runtime import Runtime
+
+TINY = replace(load_config("tiny").model, init_std=0.05)
 
 
-def _loss_and_grads(cfg, state, tokens):
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0))))
+def _graphdef(rt: Runtime):
+    return nnx.graphdef(nnx.eval_shape(lambda: DeepSeek(TINY, nnx.Rngs(0), runtime=rt)))
+
+
+def _loss_and_grads(rt, state, tokens):
+    graphdef = _graphdef(rt)
 
     def loss(state):
         out = nnx.merge(graphdef, state).forward(tokens)
@@ -25,15 +36,16 @@ def _loss_and_grads(cfg, state, tokens):
         return jax.jit(jax.value_and_grad(loss))(state)
 
 
-@pytest.mark.parametrize(("remat", "scan"), [("full", True), ("dots", False)])
+@pytest.mark.parametrize(
+    ("remat", "scan"),
+    [("full", True), ("save_dots", False), ("save_dots_except_experts", True)],
+)
 def test_remat_gives_identical_loss_and_gradients(remat, scan):
-    base = replace(
-        load_config("tiny").model, compute_dtype="float32", init_std=0.05, scan_layers=scan
-    )
-    state = nnx.state(DeepSeek(base, nnx.Rngs(0)))
-    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, base.vocab_size)
+    base = Runtime.of(compute_dtype="float32", scan_layers=scan)
+    state = nnx.state(DeepSeek(TINY, nnx.Rngs(0), runtime=base))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, TINY.vocab_size)
     loss0, grads0 = _loss_and_grads(base, state, tokens)
-    loss1, grads1 = _loss_and_grads(replace(base, remat=remat), state, tokens)
+    loss1, grads1 = _loss_and_grads(base.replace(remat=remat), state, tokens)
     assert float(loss0) == pytest.approx(float(loss1), abs=1e-6)
     for g0, g1 in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1), strict=True):
         np.testing.assert_allclose(np.asarray(g1), np.asarray(g0), atol=1e-6, rtol=1e-5)
@@ -41,12 +53,12 @@ def test_remat_gives_identical_loss_and_gradients(remat, scan):
 
 def test_remat_policy_is_in_the_compiled_program():
     """With remat=full the backward pass recomputes the forward: more dot ops are compiled."""
-    base = replace(load_config("tiny").model, compute_dtype="float32")
-    state = nnx.state(nnx.eval_shape(lambda: DeepSeek(base, nnx.Rngs(0))))
+    base = Runtime.of(compute_dtype="float32")
+    state = nnx.state(nnx.eval_shape(lambda: DeepSeek(TINY, nnx.Rngs(0), runtime=base)))
     tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
 
-    def count_dots(cfg):
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0))))
+    def count_dots(rt):
+        graphdef = _graphdef(rt)
 
         def loss(state, tokens):
             return nnx.merge(graphdef, state).forward(tokens).logits.mean()
@@ -54,4 +66,48 @@ def test_remat_policy_is_in_the_compiled_program():
         hlo = jax.jit(jax.grad(loss)).lower(state, tokens).as_text()
         return hlo.count("dot_general")
 
-    assert count_dots(replace(base, remat="full")) > count_dots(base)
+    assert count_dots(base.replace(remat="full")) > count_dots(base)
+
+
+def _saved(remat: str) -> list[str]:
+    """What the backward pass keeps, one line per residual (jax.ad_checkpoint's own report), for
+    a dense and an MoE layer run unrolled (scan stacks residuals under anonymous names)."""
+    cfg = replace(TINY, num_layers=2, **{"mtp.depth": 0})
+    rt = Runtime.of(compute_dtype="float32", remat=remat, scan_layers=False)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0), runtime=rt)))
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(
+            lambda s: nnx.merge(graphdef, s).forward(tokens).hidden.sum(), state
+        )
+    return out.getvalue().splitlines()
+
+
+def _names(lines: list[str]) -> set[str]:
+    return set(re.findall(r"named '(\w+)'", "\n".join(lines)))
+
+
+def test_remat_policies_keep_what_they_name():
+    """full keeps no activation the layer makes; save_dots keeps the projections' outputs and
+    every tag the backward needs; save_dots_except_experts the same minus the tokens copied out
+    to the experts; none keeps all of that and the rest (softmax, activations, ...)."""
+    saved = {r: _saved(r) for r in ("none", "full", "save_dots", "save_dots_except_experts")}
+    assert not _names(saved["full"])
+    assert not any("dot_general" in line for line in saved["full"])
+    tags = {"mla_latent", "attention_out", "mlp_hidden", "moe_dispatch"}
+    # moe_out feeds only a residual add, whose backward needs no input: nobody keeps it.
+    assert _names(saved["save_dots"]) == tags
+    assert _names(saved["save_dots_except_experts"]) == tags - {"moe_dispatch"}
+    assert _names(saved["none"]) == tags
+    assert any("dot_general" in line for line in saved["save_dots_except_experts"])
+    counts = [len(saved[r]) for r in ("full", "save_dots_except_experts", "save_dots", "none")]
+    assert counts == sorted(set(counts)), counts
+
+
+def test_offload_policy_needs_an_accelerator():
+    from deepseek_jax.model.remat import remat_policy
+
+    assert callable(remat_policy("offload", platform="tpu"))
+    with pytest.raises(ValueError, match="remat=offload needs a TPU or GPU"):
+        remat_policy("offload", platform="cpu")

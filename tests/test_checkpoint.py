@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax import sharding
-from deepseek_jax.checkpoint import Checkpointer, CheckpointMismatch, abstract_like
+from deepseek_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
 from deepseek_jax.config import load_config
 from deepseek_jax.train.loop import train
 from deepseek_jax.train.step import Trainer
@@ -27,7 +27,7 @@ SMALL = [
     "train.progress_bar=false",
     "train.tensorboard=false",
     "train.eval_every=0",
-    "model.compute_dtype=float32",
+    "runtime.compute_dtype=float32",
 ]
 
 
@@ -77,7 +77,7 @@ def test_restore_refuses_another_model(tmp_path):
     other = load_config("tiny", [*SMALL, "mesh.fsdp=8", "model.moe.n_routed_experts=8"])
     other_trainer = Trainer.create(other, trainer.mesh_sharding)
     abstract = abstract_like(other_trainer.state_shardings, jax.eval_shape(other_trainer.init))
-    with pytest.raises(CheckpointMismatch, match="n_routed_experts"):
+    with pytest.raises(CheckpointError, match="n_routed_experts"):
         ckpt.restore(abstract, other)
     # The refused restore left the checkpoint as it was.
     assert ckpt.all_steps() == [0]

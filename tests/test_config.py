@@ -24,6 +24,7 @@ from deepseek_jax.config import (
     MoEConfig,
     RopeConfig,
     config_from_dict,
+    config_from_saved,
     from_hf_config,
     load_config,
     parse_overrides,
@@ -344,21 +345,21 @@ def test_overrides_apply_and_coerce():
         [
             "model.moe.n_group=2",
             "model.mla.q_lora_rank=null",
-            "model.compute_dtype=float32",
+            "runtime.compute_dtype=float32",
             "model.rope.theta=500000",  # an int where a float is expected
             "model.moe.routed_scaling_factor=2",
             "model.rms_norm_eps=1e-5",  # PyYAML reads this as a string; accepted as a float
-            "model.scan_layers=false",
+            "runtime.scan_layers=false",
             "model.moe.norm_topk_prob=False",
         ],
     )
     m = cfg.model
     assert m.moe.n_group == 2 and m.mla.q_lora_rank is None
-    assert m.compute_dtype == "float32"
+    assert cfg.runtime.compute_dtype == "float32"
     assert m.rope.theta == 500000.0 and isinstance(m.rope.theta, float)
     assert m.moe.routed_scaling_factor == 2.0 and isinstance(m.moe.routed_scaling_factor, float)
     assert m.rms_norm_eps == 1e-5
-    assert m.scan_layers is False and m.moe.norm_topk_prob is False
+    assert cfg.runtime.scan_layers is False and m.moe.norm_topk_prob is False
     # Untouched fields keep the file's values.
     assert m.moe.topk_group == 2 and m.hidden_size == 128
 
@@ -400,14 +401,18 @@ def test_config_is_frozen():
 
 def test_replace_dotted_and_checked():
     m = load_config("tiny").model
-    r = replace(m, **{"moe.n_group": 2, "compute_dtype": "float32", "rope.theta": 5})
-    assert (r.moe.n_group, r.compute_dtype, r.rope.theta) == (2, "float32", 5.0)
+    r = replace(m, **{"moe.n_group": 2, "rope.theta": 5})
+    assert (r.moe.n_group, r.rope.theta) == (2, 5.0)
     assert isinstance(r.rope.theta, float)
     assert m.moe.n_group == 4  # the original is untouched
     assert replace(m, rope=RopeConfig(theta=1e5)).rope.theta == 1e5
     assert replace(load_config("tiny"), **{"model.num_layers": 2}).model.num_layers == 2
-    with pytest.raises(ConfigError, match=r"model\.compute_dtype='float64' is not one of"):
-        replace(m, compute_dtype="float64")
+    rt = load_config("tiny").runtime
+    with pytest.raises(ConfigError, match=r"runtime\.compute_dtype='float64' is not one of"):
+        replace(rt, compute_dtype="float64")
+    assert replace(rt, remat="full").remat == "full"
+    with pytest.raises(ConfigError, match=r"'model\.compute_dtype' moved to 'runtime\.comp"):
+        replace(m, compute_dtype="float32")
     with pytest.raises(ConfigError, match=r"model\.num_layers='3' must be an integer"):
         replace(m, num_layers="3")
     with pytest.raises(ConfigError, match=r"unknown config key 'model\.n_layers'.*num_layers"):
@@ -418,6 +423,37 @@ def test_replace_dotted_and_checked():
         replace(m, **{"moe.n_group": 3})
     with pytest.raises(ConfigError, match=r"model\.moe\.topk_group=5 must be between"):
         replace(m.moe, topk_group=5)
+
+
+def test_model_equality_is_the_architecture():
+    """ModelConfig == is "do these weights fit": init_std (how fresh weights are drawn) and the
+    runtime knobs (another section) take no part."""
+    m = load_config("tiny").model
+    assert replace(m, init_std=0.5) == m
+    assert replace(m, num_layers=2) != m
+    assert not {"param_dtype", "compute_dtype", "scan_layers", "remat"} & {
+        f.name for f in dataclasses.fields(ModelConfig)
+    }
+
+
+def test_saved_configs_from_before_the_runtime_section_still_load():
+    """A checkpoint's saved config with the old model.* runtime keys is moved over, never lost;
+    the same keys in a user's YAML or overrides are an error (test_override_errors)."""
+    old = to_dict(load_config("tiny"))
+    del old["runtime"]
+    old["model"].update(
+        param_dtype="float32", compute_dtype="float32", scan_layers=False, remat="dots"
+    )
+    cfg = config_from_saved(old)
+    assert cfg.model == load_config("tiny").model
+    assert (cfg.runtime.compute_dtype, cfg.runtime.scan_layers, cfg.runtime.remat) == (
+        "float32",
+        False,
+        "save_dots",
+    )
+    assert config_from_saved(to_dict(cfg)) == cfg
+    with pytest.raises(ConfigError, match=r"moved to 'runtime\.param_dtype'"):
+        config_from_dict(old)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,14 +472,27 @@ def test_replace_dotted_and_checked():
         (["model.num_layers=-1"], r"model\.num_layers=-1 must be positive"),
         (["model.hidden_size=0"], r"model\.hidden_size=0 must be positive"),
         (
-            ["model.compute_dtype=float64"],
-            r"model\.compute_dtype='float64' is not one of \['float32', 'bfloat16', 'float16'\]",
+            ["runtime.compute_dtype=float64"],
+            r"runtime\.compute_dtype='float64' is not one of \['float32', 'bfloat16', 'float16'\]",
         ),
-        (["model.param_dtype=fp32"], r"model\.param_dtype='fp32' is not one of"),
+        (["runtime.param_dtype=fp32"], r"runtime\.param_dtype='fp32' is not one of"),
         (["model.hidden_size=big"], r"model\.hidden_size='big' must be an integer"),
         (["model.num_layers=2.5"], r"model\.num_layers=2\.5 must be an integer"),
         (["model.num_layers=true"], r"model\.num_layers=True must be an integer"),
-        (["model.scan_layers=1"], r"model\.scan_layers=1 must be true or false"),
+        (["runtime.scan_layers=1"], r"runtime\.scan_layers=1 must be true or false"),
+        (["runtime.remat=dots"], r"runtime\.remat='dots' is not one of \['none', 'full'"),
+        (["runtime.attention=flash"], r"runtime\.attention='flash' is not one of"),
+        (["runtime.attention_chunk_size=0"], r"runtime\.attention_chunk_size=0 must be >= 1"),
+        (["runtime.cross_entropy_chunk_size=-2"], r"runtime\.cross_entropy_chunk_size=-2"),
+        (["runtime.moe_a2a_buffer_factor=0"], r"runtime\.moe_a2a_buffer_factor=0.0 must be"),
+        (
+            ["model.compute_dtype=float32"],
+            r"^'model\.compute_dtype' moved to 'runtime\.compute_dtype' .*"
+            r"write runtime\.compute_dtype=\.\.\.$",
+        ),
+        (["model.remat=full"], r"'model\.remat' moved to 'runtime\.remat'"),
+        (["model.scan_layers=true"], r"'model\.scan_layers' moved to 'runtime\.scan_layers'"),
+        (["model.param_dtype=float32"], r"'model\.param_dtype' moved to 'runtime\.param_dtype'"),
         (["model.rope.theta=abc"], r"model\.rope\.theta='abc' must be a number"),
         (["model.mla.q_lora_rank=wide"], r"model\.mla\.q_lora_rank='wide' has the wrong type"),
         (["model.mla.q_lora_rank=0"], r"model\.mla\.q_lora_rank=0 must be positive or null"),
@@ -565,13 +614,7 @@ def _check_v3_small(m: ModelConfig) -> None:
         attention_factor=None,
     )
     # Fields config.json does not carry keep the ModelConfig defaults.
-    defaults = ModelConfig()
-    assert (m.init_std, m.param_dtype, m.compute_dtype, m.scan_layers) == (
-        defaults.init_std,
-        defaults.param_dtype,
-        defaults.compute_dtype,
-        defaults.scan_layers,
-    )
+    assert m.init_std == ModelConfig().init_std
     assert m.layer_kinds == ("dense", "dense", "moe", "moe", "moe", "moe", "moe")
 
 
@@ -701,21 +744,21 @@ def test_from_hf_yarn_needs_original_length():
 def test_from_hf_eos_list_and_overrides():
     d = dict(_hf_v3().to_dict(), eos_token_id=[7, 9])
     assert from_hf_config(d).eos_token_id == 7
-    m = from_hf_config(
-        d, compute_dtype="float32", scan_layers=False, init_std=0.02, **{"mtp.depth": 0}
-    )
-    assert (m.compute_dtype, m.scan_layers, m.init_std, m.mtp.depth) == ("float32", False, 0.02, 0)
-    # Overrides are checked like YAML overrides.
-    with pytest.raises(ConfigError, match=r"model\.compute_dtype='float64' is not one of"):
-        from_hf_config(d, compute_dtype="float64")
+    m = from_hf_config(d, init_std=0.02, **{"mtp.depth": 0})
+    assert (m.init_std, m.mtp.depth) == (0.02, 0)
+    # Overrides are checked like YAML overrides; runtime knobs are not the model's.
+    with pytest.raises(ConfigError, match=r"model\.num_layers=0 must be positive"):
+        from_hf_config(d, num_layers=0)
+    with pytest.raises(ConfigError, match=r"'model\.compute_dtype' moved to 'runtime\."):
+        from_hf_config(d, compute_dtype="float32")
     with pytest.raises(ConfigError, match=r"unknown config key 'model\.dtype'"):
         from_hf_config(d, dtype="float32")
 
 
 def test_hub_v3_config_equals_shipped_yaml(tmp_path):
-    # The hub file carries no init_std, param/compute dtypes or scan_layers; the shipped YAML keeps
-    # those at the ModelConfig defaults (init_std 0.006 is SPEC §7's recipe, not the hub's
-    # initializer_range 0.02, which is ignored), so no adjustment is needed for equality.
+    # The hub file carries no init_std; the shipped YAML keeps it at the ModelConfig default
+    # (0.006 is SPEC §7's recipe, not the hub's initializer_range 0.02, which is ignored), and
+    # init_std takes no part in == anyway.
     want = load_config("deepseek-v3-671b").model
     assert from_hf_config(V3_HUB) == want
     p = tmp_path / "config.json"
@@ -730,7 +773,7 @@ def test_hub_v2_lite_config_equals_shipped_yaml():
 
 def test_hub_dict_is_not_mutated():
     before = copy.deepcopy(V3_HUB)
-    from_hf_config(V3_HUB, compute_dtype="float32")
+    from_hf_config(V3_HUB, init_std=0.02)
     assert before == V3_HUB
 
 
@@ -740,12 +783,7 @@ def test_hub_dict_is_not_mutated():
 
 def _training_only(m: ModelConfig) -> dict:
     """Fields a config.json does not carry: passed back to from_hf_config as overrides."""
-    return dict(
-        init_std=m.init_std,
-        param_dtype=m.param_dtype,
-        compute_dtype=m.compute_dtype,
-        scan_layers=m.scan_layers,
-    )
+    return dict(init_std=m.init_std)
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -38,20 +38,19 @@ from transformers import (
 )
 
 import deepseek_jax
-from deepseek_jax.checkpoint import CheckpointMismatch
-from deepseek_jax.cli import main
-from deepseek_jax.config import load_config
-from deepseek_jax.hf.convert import hf_to_orbax, orbax_to_hf, parse_size
-from deepseek_jax.hf.fp8 import dequantize_fp8_block, quantize_fp8_block
-from deepseek_jax.hf.load import CheckpointError
-from deepseek_jax.hf.mapping import leaf_specs
-from deepseek_jax.hf.safetensors_io import (
+from deepseek_jax.checkpoint import CheckpointError
+from deepseek_jax.checkpoint.convert import hf_to_orbax, orbax_to_hf, parse_size
+from deepseek_jax.checkpoint.fp8 import dequantize_fp8_block, quantize_fp8_block
+from deepseek_jax.checkpoint.mapping import leaf_specs
+from deepseek_jax.checkpoint.safetensors_io import (
     INDEX_FILE,
     CheckpointReader,
     write_safetensors,
     write_sharded,
     write_streaming,
 )
+from deepseek_jax.cli import main
+from deepseek_jax.config import load_config
 
 LAYERS = 3  # layers 0-1 dense, layer 2 MoE, MTP layer 3 MoE
 
@@ -311,7 +310,7 @@ TRAIN = [
     "train.eval_every=0",
     "train.async_checkpointing=false",
     "train.bias_gamma=0.01",
-    "model.compute_dtype=float32",
+    "runtime.compute_dtype=float32",
     "model.num_layers=2",
     "model.vocab_size=320",
     "model.mtp.depth=1",
@@ -373,7 +372,7 @@ def test_init_from_converted_checkpoint(trained_run, tmp_path):
     other = load_config(
         "tiny", [*TRAIN, "model.moe.n_routed_experts=8", f"train.run_dir={tmp_path / 'x'}", init]
     )
-    with pytest.raises(CheckpointMismatch, match="n_routed_experts"):
+    with pytest.raises(CheckpointError, match="n_routed_experts"):
         train(other, log=lambda _: None)
 
 
@@ -447,8 +446,8 @@ OVERHEAD = 64 * 2**20  # fixed allowance: TensorStore and JAX tracing buffers, t
 
 MEASURE = r"""
 import json, os, sys
-from deepseek_jax.hf.convert import hf_to_orbax, orbax_to_hf
-import deepseek_jax.hf.mapping, deepseek_jax.hf.orbax_io  # noqa: F401
+from deepseek_jax.checkpoint.convert import hf_to_orbax, orbax_to_hf
+import deepseek_jax.checkpoint.mapping, deepseek_jax.checkpoint.arrays  # noqa: F401
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -464,7 +463,7 @@ print(json.dumps({"baseline": base, "peak": status("VmHWM:")}))
 
 def test_memory_is_bounded_by_the_largest_tensor(tmp_path):
     cfg = deepseek_jax.from_hf_config(MEM_CONFIG)
-    from deepseek_jax.hf.mapping import hf_tensors
+    from deepseek_jax.checkpoint.mapping import hf_tensors
 
     plan = hf_tensors(cfg)
     rng = np.random.default_rng(0)

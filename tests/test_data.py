@@ -165,18 +165,23 @@ def test_text_source(text_dir):
 def test_jsonl_source_and_errors(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text('{"text": "one", "id": 1}\n\n{"text": "two ü"}\n{"body": "x"}\n{"text": "fo\n')
-    src = data.make_source(DataConfig(kind="jsonl", path=str(path)))
-    assert len(src) == 4  # the blank line is skipped
+    # Every line is parsed when the source is made: the first bad one stops it, named.
+    with pytest.raises(ValueError, match=r"docs.jsonl:4: no field 'text'.*on_bad_record=skip"):
+        data.make_source(DataConfig(kind="jsonl", path=str(path)))
+    src = data.make_source(DataConfig(kind="jsonl", path=str(path), on_bad_record="skip"))
+    assert len(src) == 2 and src.bad_records == 2  # the blank line is not a record
     assert [src[0], src[1]] == ["one", "two ü"]
-    with pytest.raises(ValueError, match=r"docs.jsonl:4: no field 'text'"):
-        src[2]
-    with pytest.raises(ValueError, match=r"docs.jsonl:5: bad JSON"):
-        src[3]
-    other = data.make_source(DataConfig(kind="jsonl", path=str(tmp_path), text_field="body"))
-    assert other[2] == "x"
-    # The error surfaces through the pipeline too, naming the file and line.
-    with pytest.raises(ValueError, match=r"docs.jsonl:4"):
-        _all_batches(DataConfig(kind="jsonl", path=str(path), eval_fraction=0.0, shuffle=False))
+    assert "docs.jsonl:4: no field 'text'" in src.first_bad
+    broken = tmp_path / "sub" / "broken.jsonl"
+    broken.parent.mkdir()
+    broken.write_bytes(b'{"text": "ok"}\n{"text": "fo\n{"text": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"broken.jsonl:2: bad JSON"):
+        data.JsonLines(broken)
+    assert data.JsonLines(broken, on_bad_record="skip").bad_records == 2  # bad JSON, bad UTF-8
+    other = data.make_source(
+        DataConfig(kind="jsonl", path=str(tmp_path), text_field="body", on_bad_record="skip")
+    )
+    assert other[0] == "x" and other.bad_records == 6
 
 
 def test_parquet_source(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from deepseek_jax.hf.fp8 import E4M3_MAX, dequantize_fp8_block, quantize_fp8_block
+from deepseek_jax.checkpoint.fp8 import E4M3_MAX, dequantize_fp8_block, quantize_fp8_block
 
 SHAPES = [(256, 384), (300, 200), (1, 1), (129, 127), (128, 1), (7, 513)]
 

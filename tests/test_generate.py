@@ -22,7 +22,7 @@ from deepseek_jax.generate import (
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-TINY = replace(load_config("tiny").model, compute_dtype="float32", init_std=0.05)
+TINY = replace(load_config("tiny").model, init_std=0.05)
 YARN = replace(
     TINY,
     **{

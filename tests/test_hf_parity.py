@@ -37,9 +37,13 @@ from transformers import (
 )
 
 import deepseek_jax
-from deepseek_jax.hf.fp8 import quantize_fp8_block
-from deepseek_jax.hf.load import CheckpointError
-from deepseek_jax.hf.safetensors_io import CheckpointReader, write_safetensors, write_sharded
+from deepseek_jax.checkpoint import CheckpointError
+from deepseek_jax.checkpoint.fp8 import quantize_fp8_block
+from deepseek_jax.checkpoint.safetensors_io import (
+    CheckpointReader,
+    write_safetensors,
+    write_sharded,
+)
 
 CASES = {
     "v3_grouped_bias_yarn": (DeepseekV3Config, DeepseekV3ForCausalLM, V3_BASE),
@@ -127,7 +131,9 @@ def fp8_checkpoint(tmp_path_factory):
         if is_fp8_weight(name):
             q, scale = quantize_fp8_block(value, FP8_BLOCK)
             quantized[name], quantized[f"{name}_scale_inv"] = q, scale
-            dequantized[name] = deepseek_jax.hf.fp8.dequantize_fp8_block(q, scale, FP8_BLOCK)
+            dequantized[name] = deepseek_jax.checkpoint.fp8.dequantize_fp8_block(
+                q, scale, FP8_BLOCK
+            )
         else:
             quantized[name] = dequantized[name] = value
     mtp = mtp_tensors(config, tensors, np.random.default_rng(3))
@@ -265,5 +271,7 @@ def test_fp8_weight_without_scale(small_v3, tmp_path):
 
 
 def test_missing_directory_and_config(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint.*config.json"):
         deepseek_jax.load(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        deepseek_jax.load(tmp_path / "nope")

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from random_weights import FP32 as FP32_RT
 from random_weights import model_state, random_state
 
 from deepseek_jax.config import RopeConfig, load_config, replace
@@ -18,11 +19,12 @@ from deepseek_jax.model import DeepSeek
 from deepseek_jax.model.moe import MoE, RouterBias, route, sequence_balance_loss
 from deepseek_jax.model.rope import apply_rope, inv_frequencies, rope_tables
 from deepseek_jax.model.transformer import layer_runs
+from deepseek_jax.runtime import Runtime
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
 TINY = load_config("tiny").model
-FP32 = replace(TINY, compute_dtype="float32", **{"mtp.depth": 2})
+FP32 = replace(TINY, **{"mtp.depth": 2})
 B, T = 2, 8
 
 
@@ -159,8 +161,8 @@ INTERLEAVED = replace(FP32, num_layers=5, **{"moe.moe_layer_freq": 2, "mtp.depth
 )
 def test_scan_matches_unrolled(cfg, runs):
     assert layer_runs(cfg.layer_kinds[: cfg.num_layers]) == runs
-    scan_def, state = model_state(replace(cfg, scan_layers=True), seed=6)
-    loop_def, loop_state = model_state(replace(cfg, scan_layers=False), seed=6)
+    scan_def, state = model_state(cfg, seed=6, runtime=FP32_RT)
+    loop_def, loop_state = model_state(cfg, seed=6, runtime=FP32_RT.replace(scan_layers=False))
     assert jax.tree.structure(state) == jax.tree.structure(loop_state)
     tokens = jnp.asarray(np.random.default_rng(6).integers(0, cfg.vocab_size, (B, T)))
     run = jax.jit(lambda g, s, t: nnx.merge(g, s).forward(t), static_argnums=0)
@@ -245,9 +247,9 @@ MOE_CASES = {
 
 @pytest.mark.parametrize("case", list(MOE_CASES))
 def test_moe_matches_numpy_reference(case):
-    cfg = replace(TINY, compute_dtype="float32", **MOE_CASES[case])
+    cfg = replace(TINY, **MOE_CASES[case])
     moe = cfg.moe
-    graphdef, state = random_state(lambda: MoE(cfg, nnx.Rngs(0)), seed=7, bias_std=0.3)
+    graphdef, state = random_state(lambda: MoE(cfg, nnx.Rngs(0), FP32_RT), seed=7, bias_std=0.3)
     bt, tt = 2, 16
     x = np.random.default_rng(8).standard_normal((bt, tt, cfg.hidden_size)).astype(np.float32)
     y, aux = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, jnp.asarray(x))
@@ -505,8 +507,9 @@ def test_params_carry_logical_axes(q_lora):
 
 
 def test_param_dtype_separate_from_compute_dtype():
-    cfg = replace(TINY, param_dtype="float32", compute_dtype="bfloat16")
-    graphdef, state = model_state(cfg, seed=14, std=0.02)  # small: no bf16 routing flips
+    cfg = TINY
+    rt = Runtime.of(param_dtype="float32", compute_dtype="bfloat16")
+    graphdef, state = model_state(cfg, seed=14, std=0.02, runtime=rt)  # small: no bf16 flips
     assert {a.dtype for a in jax.tree.leaves(state)} == {jnp.dtype(jnp.float32)}
     tokens = jnp.asarray(np.random.default_rng(14).integers(0, cfg.vocab_size, (B, T)))
 
@@ -525,9 +528,7 @@ def test_param_dtype_separate_from_compute_dtype():
     assert {a.dtype for a in jax.tree.leaves(after)} == {jnp.dtype(jnp.float32)}
     assert np.isfinite(np.asarray(out.logits)).all()
     # bf16 compute tracks the fp32 model (~1% here from bf16 rounding).
-    graphdef32 = nnx.split(
-        nnx.eval_shape(lambda: DeepSeek(replace(cfg, compute_dtype="float32"), nnx.Rngs(0)))
-    )[0]
+    graphdef32 = nnx.split(nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0), runtime=FP32_RT)))[0]
     ref = jax.jit(lambda s, t: nnx.merge(graphdef32, s)(t))(state, tokens)
     err = np.abs(np.asarray(out.logits) - np.asarray(ref))
     assert err.mean() < 0.03 * np.abs(np.asarray(ref)).mean()

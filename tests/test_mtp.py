@@ -241,11 +241,10 @@ def np_balance_loss(experts_btk, scores_bte, e, k):
 TINY = load_config("tiny").model
 VARIANTS = {
     # V3-style: MoE MTP blocks with the sigmoid/group router, depth 2.
-    "moe": replace(TINY, compute_dtype="float32", **{"mtp.depth": 2}),
+    "moe": replace(TINY, **{"mtp.depth": 2}),
     # Dense MTP blocks, plain q_proj (V2-Lite style), YaRN with an attention factor != 1.
     "dense_yarn": replace(
         TINY,
-        compute_dtype="float32",
         **{
             "mtp.depth": 2,
             "moe.first_k_dense_replace": 6,
@@ -261,7 +260,6 @@ VARIANTS = {
     # group-limited softmax router and no renormalization.
     "interleaved_v2": replace(
         TINY,
-        compute_dtype="float32",
         **{
             "mtp.depth": 1,
             "moe.moe_layer_freq": 2,

@@ -1,4 +1,4 @@
-"""deepseek_jax.hf.safetensors_io against the reference safetensors library."""
+"""deepseek_jax.checkpoint.safetensors_io against the reference safetensors library."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from deepseek_jax.hf.safetensors_io import (
+from deepseek_jax.checkpoint.safetensors_io import (
     CheckpointReader,
     SafetensorsFile,
     write_safetensors,

@@ -16,7 +16,7 @@ from deepseek_jax.generate import generate, sample
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-TINY = replace(load_config("tiny").model, compute_dtype="float32", init_std=0.05)
+TINY = replace(load_config("tiny").model, init_std=0.05)
 PROMPTS = [[5, 17, 3, 9], [7, 2, 11, 30, 4, 8, 21, 6, 13], [12, 40, 3, 3, 19, 2]]
 MAX_NEW = 8
 KEY = jax.random.key(0)

@@ -48,7 +48,7 @@ BATCH, SEQ = 8, 16
 # With eps = 1e-4 the update is lr/eps = 3-Lipschitz in g (lr 3e-4 at step 0), and the clipped
 # gradients (median 6e-5, max 3e-2 here) still move the median weight by ~lr/3.
 BASE = [
-    "model.compute_dtype=float32",
+    "runtime.compute_dtype=float32",
     f"train.batch_size={BATCH}",
     f"train.seq_len={SEQ}",
     "train.steps=10",
@@ -95,8 +95,7 @@ def grads_and_step(trainer: Trainer, state, batch) -> dict:
     """One program: loss_and_grads and the full step (same code as jitted_step, no donation)."""
 
     def fn(state, batch):
-        with sharding.use(trainer.mesh_sharding):
-            obj, aux, grads = trainer.loss_and_grads(state, batch)
+        obj, aux, grads = trainer.loss_and_grads(state, batch)
         new_state, metrics = trainer.step(state, batch)
         return dict(obj=obj, aux=aux, grads=grads, new=new_state, metrics=metrics)
 
@@ -281,9 +280,10 @@ def test_state_sharding_collectives_and_donation(mesh_run):
         for op in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all")
     }
     print(f"\ncollectives in the (data=2, expert=4) step: {counts}")
-    # all-gather: tokens to the expert owners; reduce-scatter: expert outputs back (dispatch.py);
-    # all-reduce: gradients of the weights replicated over the data-like axes.
-    assert counts["all-gather"] > 0 and counts["reduce-scatter"] > 0 and counts["all-reduce"] > 0
+    # all-to-all: routed rows to their experts' owners and results back (moe_dispatch=auto picks
+    # it here, expert axis 4 >= top-4; ops/moe_a2a.py); all-reduce: gradients of the weights
+    # replicated over the data-like axes.
+    assert counts["all-to-all"] > 0 and counts["all-reduce"] > 0
 
     assert all(x.is_deleted() for x in jax.tree.leaves(run.before)), "state was not donated"
     assert not any(x.is_deleted() for x in jax.tree.leaves(run.new))
@@ -572,7 +572,7 @@ RUN = [
     "mesh.data=2",
     "mesh.expert=4",
     "mesh.fsdp=1",
-    "model.compute_dtype=float32",
+    "runtime.compute_dtype=float32",
     "train.peak_flops_per_device=1e11",
 ]
 # The process-count-invariant Markov source: with a document corpus (tiny.yaml's stdlib) each
@@ -642,7 +642,7 @@ def test_cli_train_writes_metrics_and_learns(tmp_path):
     logged learning rate is the schedule's, and lm_loss falls from ~ln(512) = 6.24 below 5."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "deepseek_jax.cli", "train", "tiny", "train.steps=20"]
-    cmd += ["train.warmup_steps=3", "model.compute_dtype=float32", f"train.run_dir={run_dir}"]
+    cmd += ["train.warmup_steps=3", "runtime.compute_dtype=float32", f"train.run_dir={run_dir}"]
     cmd += ["train.peak_flops_per_device=1e11", *QUIET]
     _run(cmd, _env(None), timeout=300)
     rows = _read_metrics(run_dir)

@@ -7,6 +7,8 @@
 Stages, for a document source (`data.kind` stdlib / text / jsonl / parquet):
 1. Split: the `ceil(eval_fraction * n)` documents with the smallest fixed hash of their index are
    the eval split, the rest train (independent of the seed, the process count and the workers).
+   When that would hold out every document (a single file, say), both splits take all the
+   documents and each is cut by tokens instead: eval gets the last ceil(fraction * n) tokens.
 2. Shard: process i of n keeps the split's documents i, i+n, i+2n, ... (disjoint, covering).
 3. Shuffle (train, `data.shuffle`) with `data.seed`, then repeat for `num_epochs` (None: without
    end); Grain folds the epoch into the seed, so every epoch has its own deterministic order.
@@ -29,6 +31,7 @@ and restoring a state continues with bitwise the same batches (see `state.py` fo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import grain
@@ -39,6 +42,7 @@ from deepseek_jax.config import DataConfig, ModelConfig
 from deepseek_jax.data.packing import PackedRows, StackRows, pack_documents
 from deepseek_jax.data.sources import make_source
 from deepseek_jax.data.tokenizer import Tokenizer, make_tokenizer
+from deepseek_jax.errors import DataError
 from deepseek_jax.train.synthetic import MarkovTokens
 
 Split = Literal["train", "eval"]
@@ -87,12 +91,20 @@ class _Documents:
 
 
 class _Tokenize:
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
+    """Text -> tokens + EOS; with `token_split`, only the split's part of the document's tokens
+    (train: all but the last ceil(fraction * n), eval: those)."""
+
+    def __init__(self, tokenizer: Tokenizer, token_split: tuple[Split, float] | None = None):
+        self.tokenizer, self.token_split = tokenizer, token_split
         self.eos = np.asarray([tokenizer.eos_id], np.int32)
 
     def __call__(self, text: str) -> dict[str, np.ndarray]:
-        return {"tokens": np.concatenate([self.tokenizer.encode_array(text), self.eos])}
+        tokens = self.tokenizer.encode_array(text)
+        if self.token_split is not None:
+            split, fraction = self.token_split
+            cut = len(tokens) - math.ceil(fraction * len(tokens))
+            tokens = tokens[:cut] if split == "train" else tokens[cut:]
+        return {"tokens": np.concatenate([tokens, self.eos])}
 
 
 class _SyntheticBatch:
@@ -132,6 +144,7 @@ def make_dataset(
     tokenizer: Tokenizer | None = None,
     source=None,
     num_epochs: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> grain.IterDataset:
     """The pipeline as a `grain.IterDataset` of batches; `make_iterator` iterates it.
 
@@ -156,12 +169,28 @@ def make_dataset(
 
     tokenizer = tokenizer or make_tokenizer(data, model)
     source = make_source(data) if source is None else source
-    indices = split_indices(len(source), data.eval_fraction, split)
+    n_docs = len(source)
+    if n_docs == 0:
+        raise DataError(f"{source!r} holds no documents")
+    # Too few documents to hold some out (one file, say): every document is split by tokens.
+    token_split = data.eval_fraction > 0 and math.ceil(data.eval_fraction * n_docs) >= n_docs
+    if token_split:
+        indices = np.arange(n_docs)
+        if log is not None:
+            log(
+                f"data: {n_docs} document(s) are too few to hold {data.eval_fraction:.0%} of them "
+                f"out; the eval split is the last {data.eval_fraction:.0%} of each one's tokens"
+            )
+    else:
+        indices = split_indices(n_docs, data.eval_fraction, split)
     if len(indices) == 0:
-        raise ValueError(f"data.eval_fraction={data.eval_fraction} holds out no documents")
+        raise DataError(
+            f"data.eval_fraction={data.eval_fraction} holds out no documents to evaluate on: "
+            "set data.eval_fraction > 0, or train.eval_every=0"
+        )
     indices = shard_indices(indices, process_index, process_count)
     if len(indices) == 0:
-        raise ValueError(
+        raise DataError(
             f"process {process_index} of {process_count} has no {split} documents "
             f"({source!r}); use more data or a larger data.eval_fraction"
         )
@@ -170,7 +199,7 @@ def make_dataset(
         ds = ds.shuffle(seed=data.seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    ds = ds.map(_Tokenize(tokenizer))
+    ds = ds.map(_Tokenize(tokenizer, (split, data.eval_fraction) if token_split else None))
     read = grain.ReadOptions(
         num_threads=data.read_threads, prefetch_buffer_size=data.prefetch_buffer_size
     )
@@ -192,6 +221,7 @@ def make_iterator(
     tokenizer: Tokenizer | None = None,
     source=None,
     num_epochs: int | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> grain.DatasetIterator:
     """An iterator of this process's batches: dicts of numpy arrays of `batch_size` rows.
 
@@ -209,5 +239,6 @@ def make_iterator(
         tokenizer=tokenizer,
         source=source,
         num_epochs=num_epochs,
+        log=log,
     )
     return iter(ds)

@@ -27,7 +27,7 @@ from flax import nnx, struct
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.generate.cache import LatentCache
 from deepseek_jax.model.block import Block
-from deepseek_jax.model.layers import DTYPES, cast
+from deepseek_jax.model.layers import cast
 from deepseek_jax.model.mla import MLA
 from deepseek_jax.model.rope import apply_rope, rope_tables
 from deepseek_jax.model.transformer import DeepSeek, layer_runs
@@ -49,8 +49,8 @@ def absorbed_attention(
     >= S_max are dropped: that is how padding is skipped), so the chunk attends to itself too.
     `mask_bts` says which cache slots each query may see.
     """
-    cfg, d_n = attn.cfg, attn.cfg.mla.qk_nope_head_dim
-    dtype = DTYPES[cfg.compute_dtype]
+    cfg, rt, d_n = attn.cfg, attn.rt, attn.cfg.mla.qk_nope_head_dim
+    dtype = rt.compute_dtype
     b, _, _ = x_btd.shape
     q_bthk = attn.queries(x_btd)
     q_nope_bthk, q_pe_bthk = q_bthk[..., :d_n], apply_rope(q_bthk[..., d_n:], cos_btk, sin_btk)
@@ -61,7 +61,7 @@ def absorbed_attention(
     k_pe_bsk = k_pe_bsk.at[rows_bt, write_bt].set(k_pe_btk.astype(k_pe_bsk.dtype), mode="drop")
     c_read_bsr, k_pe_read_bsk = c_bsr.astype(dtype), k_pe_bsk.astype(dtype)
 
-    q_lat_bthr = jnp.einsum("bthk,rhk->bthr", q_nope_bthk, cast(attn.wk_b_RHK, cfg))
+    q_lat_bthr = jnp.einsum("bthk,rhk->bthr", q_nope_bthk, cast(attn.wk_b_RHK, rt))
     scores_bhts = jnp.einsum("bthr,bsr->bhts", q_lat_bthr, c_read_bsr) + jnp.einsum(
         "bthk,bsk->bhts", q_pe_bthk, k_pe_read_bsk
     )
@@ -70,8 +70,8 @@ def absorbed_attention(
     scores_bhts = jnp.where(mask_bts[:, None], scores_bhts, jnp.finfo(jnp.float32).min)
     probs_bhts = jax.nn.softmax(scores_bhts, axis=-1).astype(dtype)
     z_bthr = jnp.einsum("bhts,bsr->bthr", probs_bhts, c_read_bsr)
-    out_bthk = jnp.einsum("bthr,rhk->bthk", z_bthr, cast(attn.wv_b_RHK, cfg))
-    return jnp.einsum("bthk,hkd->btd", out_bthk, cast(attn.wo_HKD, cfg)), c_bsr, k_pe_bsk
+    out_bthk = jnp.einsum("bthr,rhk->bthk", z_bthr, cast(attn.wv_b_RHK, rt))
+    return jnp.einsum("bthk,hkd->btd", out_bthk, cast(attn.wo_HKD, rt)), c_bsr, k_pe_bsk
 
 
 @struct.dataclass

@@ -21,29 +21,25 @@ from deepseek_jax import sharding
 from deepseek_jax.generate.cache import LatentCache, init_cache
 from deepseek_jax.generate.decode import forward_with_cache
 from deepseek_jax.generate.sampling import sample
+from deepseek_jax.runtime import Runtime, with_runtime
 
 # Keyword settings of the decode functions: static under jit (one compilation per value).
 SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "cache_dtype")
 
 
 def decode_jit(fn):
-    """`jax.jit` of `fn(graphdef, state, *arrays, **settings)`, traced inside
-    `sharding.use(mesh_sharding)` so that the model sees the mesh; graphdef, the settings and
-    `mesh_sharding` (a keyword, default None) are static."""
-
-    def traced(graphdef, state, *arrays, mesh_sharding=None, **settings):
-        with sharding.use(mesh_sharding):
-            return fn(graphdef, state, *arrays, **settings)
-
-    return jax.jit(traced, static_argnums=0, static_argnames=(*SETTINGS, "mesh_sharding"))
+    """`jax.jit` of `fn(graphdef, state, *arrays, **settings)` with graphdef and the settings
+    static. The graphdef carries the model's `Runtime`, mesh included, so one compilation serves
+    one (model, mesh) pair."""
+    return jax.jit(fn, static_argnums=0, static_argnames=SETTINGS)
 
 
-def shard_cache(cache: LatentCache) -> LatentCache:
+def shard_cache(cache: LatentCache, rt: Runtime) -> LatentCache:
     """Split the cache's batch rows like the activations (identity without a mesh)."""
     return LatentCache(
-        c_lbsr=sharding.constrain(cache.c_lbsr, (None, "batch", None, None)),
-        k_pe_lbsk=sharding.constrain(cache.k_pe_lbsk, (None, "batch", None, None)),
-        lengths_b=sharding.constrain(cache.lengths_b, ("batch",)),
+        c_lbsr=rt.constrain(cache.c_lbsr, (None, "batch", None, None)),
+        k_pe_lbsk=rt.constrain(cache.k_pe_lbsk, (None, "batch", None, None)),
+        lengths_b=rt.constrain(cache.lengths_b, ("batch",)),
     )
 
 
@@ -64,7 +60,7 @@ def _decode(
     """(new tokens [B, max_new_tokens] int32, number produced per row [B] int32)."""
     model = nnx.merge(graphdef, state)
     b, p = prompts_bt.shape
-    cache = shard_cache(init_cache(model.cfg, b, p + max_new_tokens, cache_dtype))
+    cache = shard_cache(init_cache(model.cfg, b, p + max_new_tokens, cache_dtype), model.rt)
     pick = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
 
     def is_eos(tokens_b):
@@ -96,7 +92,7 @@ def _decode(
         logits_btv, cache = forward_with_cache(
             m, tokens_b[:, None], cache, running_b.astype(jnp.int32)
         )
-        cache = shard_cache(cache)
+        cache = shard_cache(cache, m.rt)
         new_b = pick(logits_btv[:, 0], jax.random.fold_in(key, i))
         new_b = jnp.where(running_b, new_b, tokens_b)
         column_b = jnp.where(running_b, new_b, out_bn[:, i])
@@ -131,9 +127,11 @@ def generate(
     temperature, top_k and top_p. Prompts may differ in length but must not be empty. One
     compilation per (batch, longest prompt, max_new_tokens, sampling settings).
 
-    With `mesh_sharding`, the weights are placed by its rules (as in training: experts over the
-    expert axis, the rest per the preset), prompt rows and the cache are split over the batch
-    axes (rows padded to a multiple of their size), and MoE layers run expert-parallel.
+    With `mesh_sharding` (default: the mesh of the model's own runtime, if any), the model runs
+    with that mesh (`with_runtime`), the weights are placed by its rules (as in training:
+    experts over the expert axis, the rest per the preset), prompt rows and the cache are split
+    over the batch axes (rows padded to a multiple of their size), and MoE layers run
+    expert-parallel.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompts")
@@ -152,7 +150,6 @@ def generate(
         top_p=float(top_p),
         eos_id=None if eos_id is None else int(eos_id),
         cache_dtype=jnp.dtype(cache_dtype),
-        mesh_sharding=mesh_sharding,
     )
     out_bn, counts_b = np.asarray(out_bn), np.asarray(counts_b)
     return [out_bn[b, : counts_b[b]].tolist() for b in range(len(prompts))]
@@ -163,10 +160,14 @@ def batch_inputs(
 ) -> tuple[nnx.GraphDef, nnx.State, jax.Array, jax.Array]:
     """(graphdef, state, right-padded prompts [B, P], prompt lengths [B]) for a decode jit.
 
-    With a mesh, the weights are placed by its rules and rows over the batch axes; B is rounded
-    up to a multiple of the batch axes' size with empty rows (length 0: done from the start,
-    output dropped).
+    With a mesh (`mesh_sharding`, else the model runtime's), the graphdef carries it, the
+    weights are placed by its rules and rows over the batch axes; B is rounded up to a multiple
+    of the batch axes' size with empty rows (length 0: done from the start, output dropped).
     """
+    if mesh_sharding is None:
+        mesh_sharding = model.rt.sharding
+    elif mesh_sharding != model.rt.sharding:
+        model = with_runtime(model, model.rt.replace(sharding=mesh_sharding))
     rows = len(prompts)
     if mesh_sharding is not None:
         split = mesh_sharding.axis_size("batch")

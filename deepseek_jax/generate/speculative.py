@@ -121,15 +121,15 @@ def _speculative(
     n, k = max_new_tokens, N_DRAFT
     rows_b, slots_k1 = jnp.arange(b), jnp.arange(k + 1)
     settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    cache = shard_cache(init_cache(model.cfg, b, p + n + k, cache_dtype))
-    mtp_cache = shard_cache(init_cache(model.cfg, b, p + n + k, cache_dtype, layers=1))
+    cache = shard_cache(init_cache(model.cfg, b, p + n + k, cache_dtype), model.rt)
+    mtp_cache = shard_cache(init_cache(model.cfg, b, p + n + k, cache_dtype, layers=1), model.rt)
 
     def draft(m, h_btd, next_bt, chunk_lengths_b, mtp_cache, key):
         """Run MTP over committed pairs; draft from the last one. ([B,K], [B,K,V], cache)."""
         _, logits_btv, mtp_cache = mtp_with_cache(m, h_btd, next_bt, mtp_cache, chunk_lengths_b)
         last_b = jnp.clip(chunk_lengths_b - 1, 0, next_bt.shape[1] - 1)
         q_bv = logits_btv[rows_b, last_b]
-        return sample(q_bv, key, **settings)[:, None], q_bv[:, None], shard_cache(mtp_cache)
+        return sample(q_bv, key, **settings)[:, None], q_bv[:, None], shard_cache(mtp_cache, m.rt)
 
     # Prefill: main over the prompt, first token, then MTP over (h_i, x_{i+1}) for i < P.
     logits_btv, cache, h_btd = forward_with_cache(
@@ -193,7 +193,7 @@ def _speculative(
             slots_k1[None] < accepted_b[:, None], drafts_then_next_bk1, next_b[:, None]
         )
         # 3. Roll back: keep x_{n-1} and the accepted drafts in the main cache.
-        cache = shard_cache(cache.replace(lengths_b=before_b + new_b))
+        cache = shard_cache(cache.replace(lengths_b=before_b + new_b), m.rt)
 
         # Output: new tokens up to EOS (inclusive) and the token budget.
         emitted_bk1 = slots_k1[None] < new_b[:, None]
@@ -268,7 +268,6 @@ def speculative_generate(
         top_p=float(top_p),
         eos_id=None if eos_id is None else int(eos_id),
         cache_dtype=jnp.dtype(cache_dtype),
-        mesh_sharding=mesh_sharding,
     )
     out_bn, counts_b = np.asarray(out_bn), np.asarray(counts_b)[: len(prompts)]
     stats = {name: int(v) for name, v in counters.items()}

@@ -38,10 +38,13 @@ def load_tokenizer(path: str | os.PathLike, model_cfg, tokenizer: str | None = N
     elif os.path.isfile(os.path.join(path, "tokenizer.json")):
         tok = HFTokenizer(os.path.join(path, "tokenizer.json"))
     else:
-        from deepseek_jax.hf.orbax_io import find_source
+        from deepseek_jax.checkpoint import CheckpointError, TrainingSource, resolve
 
-        source = find_source(path, required=False)
-        if source is None or source.kind != "training":
+        try:
+            source = resolve(path)
+        except CheckpointError:
+            source = None
+        if not isinstance(source, TrainingSource):
             raise FileNotFoundError(
                 f"no tokenizer.json in {path} and no training config beside it: pass "
                 "--tokenizer (a tokenizer.json path, or 'byte')"
@@ -61,7 +64,7 @@ def load_for_generation(
     """(model, tokenizer) of a checkpoint: Hugging Face, converted Orbax, or a training run.
     With `mesh_sharding` the weights are loaded onto its mesh (see `deepseek_jax.load`); pass
     the same `mesh_sharding` to `generate_text`."""
-    from deepseek_jax.hf.load import load
+    from deepseek_jax.checkpoint import load
 
     model = load(
         path, compute_dtype=compute_dtype, param_dtype=compute_dtype, mesh_sharding=mesh_sharding

@@ -8,26 +8,29 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax import sharding
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.layers import RMSNorm, SwiGLU
 from deepseek_jax.model.mla import MLA
 from deepseek_jax.model.moe import MoE
+from deepseek_jax.model.remat import remat_policy
+from deepseek_jax.runtime import Runtime
 
 
 class Block(nnx.Module):
     """x += MLA(norm(x)); x += FFN(norm(x)); the FFN is a dense SwiGLU or DeepSeekMoE."""
 
-    def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs):
-        self.kind = kind
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg)
-        self.attn = MLA(cfg, rngs)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg)
-        self.ffn = MoE(cfg, rngs) if kind == "moe" else SwiGLU(cfg, cfg.intermediate_size, rngs)
+    def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs, rt: Runtime):
+        self.kind, self.rt = kind, rt
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg, rt)
+        self.attn = MLA(cfg, rngs, rt)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg, rt)
+        self.ffn = (
+            MoE(cfg, rngs, rt) if kind == "moe" else SwiGLU(cfg, cfg.intermediate_size, rngs, rt)
+        )
 
     def __call__(self, x_btd, cos_btk, sin_btk, segment_ids_bt=None):
         """Returns the new residual stream and the MoE aux dict (empty for a dense block)."""
-        x_btd = sharding.constrain(x_btd, ("batch", None, None))
+        x_btd = self.rt.constrain(x_btd, ("batch", None, None))
         with jax.named_scope("attention"):
             x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btk, sin_btk, segment_ids_bt)
         with jax.named_scope(self.kind):
@@ -50,9 +53,9 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) 
     return nnx.split_rngs(splits=count)(vmapped)(rngs)
 
 
-def stacked_blocks(cfg: ModelConfig, kind: str, count: int, rngs: nnx.Rngs) -> Block:
+def stacked_blocks(cfg: ModelConfig, kind: str, count: int, rngs: nnx.Rngs, rt: Runtime) -> Block:
     """`count` decoder blocks of one kind with stacked parameters."""
-    return stacked(lambda r: Block(cfg, kind, r), count, rngs)
+    return stacked(lambda r: Block(cfg, kind, r, rt), count, rngs)
 
 
 def run_stack(
@@ -63,14 +66,14 @@ def run_stack(
     segment_ids_bt: jax.Array | None,
     start: int,
     count: int,
-    scan: bool,
-    remat: str = "none",
+    rt: Runtime,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Run layers [start, start+count) of a stacked Block; aux values gain a leading layer axis.
 
-    scan=True traces one layer and loops with `jax.lax.scan`; scan=False unrolls in Python. Both
-    read the same stacked parameters, so a checkpoint serves either. `remat` recomputes each
-    layer in the backward pass: "full" keeps only its input, "dots" also keeps matmul outputs.
+    runtime.scan_layers traces one layer and loops with `jax.lax.scan`; otherwise the loop is
+    unrolled in Python. Both read the same stacked parameters, so a checkpoint serves either.
+    runtime.remat recomputes each layer in the backward pass, keeping what its policy names
+    (`deepseek_jax.model.remat`).
     """
     graphdef, state = nnx.split(stack)
     total = jax.tree.leaves(state)[0].shape[0]
@@ -80,11 +83,9 @@ def run_stack(
     def layer(x, layer_state):
         return nnx.merge(graphdef, layer_state)(x, cos_btk, sin_btk, segment_ids_bt)
 
-    if remat != "none":
-        policy = (
-            jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots" else None
-        )
-        layer = jax.checkpoint(layer, policy=policy, prevent_cse=not scan)
+    scan = rt.cfg.scan_layers
+    if rt.cfg.remat != "none":
+        layer = jax.checkpoint(layer, policy=remat_policy(rt.cfg.remat), prevent_cse=not scan)
 
     if scan:
         return jax.lax.scan(layer, x_btd, state)

@@ -1,39 +1,28 @@
-"""Routed-expert computation behind one function, `routed_experts`, with two strategies.
+"""Routed-expert computation behind one function, `routed_experts`, with three strategies.
 
-- local: every token on this device, every expert on this device. Sort the N·K (token, expert)
-  pairs by expert and run one grouped matmul (`jax.lax.ragged_dot`).
-- expert-parallel (a mesh is active): inside `shard_map`, each device routes its own tokens,
-  all-gathers tokens and routing decisions over the expert axis, runs the grouped matmul for
-  the experts it owns, and a reduce-scatter over the expert axis returns every token's summed
-  expert outputs to the device that owns the token. Dropless and static-shaped, so it runs on
-  XLA:CPU, which has no ragged all-to-all.
+- local (no mesh, or an expert axis of size 1): sort the N·K (token, expert) pairs by expert and
+  run one grouped matmul per weight (`ops/grouped_matmul.py`).
+- all_gather: inside `shard_map`, every device all-gathers the tokens and routing decisions of
+  its expert group, runs the grouped matmul for the experts it owns on all of them, and a
+  reduce-scatter returns each token's summed outputs to its owner. Static shapes, no sizes to
+  exchange; but each device sorts and holds P·N·K rows of which 1/P are its own.
+- all_to_all (`ops/moe_a2a.py`): each row travels only to its expert's owner and back, in
+  rounds of bounded per-peer buffers; dropless for any routing.
+`runtime.moe_dispatch=auto` picks by the bytes each moves (see `choose_dispatch`).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax import sharding
-from deepseek_jax.ops.gmm_blocked import gmm_blocked
+from deepseek_jax.ops.moe_a2a import A2APlan, a2a_routed_experts, buffer_rows, exchange_kind
+from deepseek_jax.ops.moe_a2a import grouped_swiglu as grouped_swiglu
+from deepseek_jax.runtime import Runtime
 
-
-def _grouped_matmul(x_md, w_edf, group_sizes_e):
-    # XLA:CPU lowers ragged_dot densely (every row times every expert): on CPU use the blocked
-    # kernel that computes only the routed rows (ops/gmm_blocked.py).
-    if jax.default_backend() == "cpu":
-        return gmm_blocked(x_md, w_edf, group_sizes_e)
-    return jax.lax.ragged_dot(x_md, w_edf, group_sizes_e)
-
-
-def grouped_swiglu(x_md, group_sizes_e, gate_edf, up_edf, down_efd):
-    """Each expert's SwiGLU over its contiguous rows of x (rows sorted by expert).
-
-    Rows past sum(group_sizes) come out as zero (ragged_dot leaves them untouched).
-    """
-    gate_mf = _grouped_matmul(x_md, gate_edf, group_sizes_e)
-    up_mf = _grouped_matmul(x_md, up_edf, group_sizes_e)
-    return _grouped_matmul(jax.nn.silu(gate_mf) * up_mf, down_efd, group_sizes_e)
+DISPATCHES = ("auto", "all_gather", "all_to_all")
 
 
 def _combine(out_md, slot_m, weights_nk):
@@ -43,24 +32,27 @@ def _combine(out_md, slot_m, weights_nk):
     return jnp.einsum("nkd,nk->nd", out_nkd.astype(jnp.float32), weights_nk)
 
 
-def _local(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd):
+def _local(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD, *, impl, platform=None):
     k = experts_nk.shape[1]
     flat_m = experts_nk.reshape(-1)
     order_m = jnp.argsort(flat_m, stable=True)
-    sizes_e = jnp.bincount(flat_m, length=gate_edf.shape[0]).astype(jnp.int32)
-    out_md = grouped_swiglu(x_nd[order_m // k], sizes_e, gate_edf, up_edf, down_efd)
+    sizes_e = jnp.bincount(flat_m, length=gate_EDF.shape[0]).astype(jnp.int32)
+    x_md = checkpoint_name(x_nd[order_m // k], "moe_dispatch")
+    out_md = grouped_swiglu(x_md, sizes_e, gate_EDF, up_EDF, down_EFD, impl=impl, platform=platform)
     return _combine(out_md, order_m, weights_nk)
 
 
-def _expert_shard(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, *, axes, n_experts):
+def _all_gather_shard(
+    x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD, *, axes, impl, platform
+):
     """Per-device body: this device owns experts [e0, e0 + E_local)."""
-    if axes:
-        x_nd = jax.lax.all_gather(x_nd, axes, tiled=True)
-        experts_nk = jax.lax.all_gather(experts_nk, axes, tiled=True)
-        weights_nk = jax.lax.all_gather(weights_nk, axes, tiled=True)
+    x_nd = jax.lax.all_gather(x_nd, axes, tiled=True)
+    experts_nk = jax.lax.all_gather(experts_nk, axes, tiled=True)
+    weights_nk = jax.lax.all_gather(weights_nk, axes, tiled=True)
     k = experts_nk.shape[1]
-    e_local = gate_edf.shape[0]
-    e0 = jax.lax.axis_index(axes) * e_local if axes else 0
+    e_local = gate_EDF.shape[0]
+    n_experts = e_local * jax.lax.axis_size(axes)
+    e0 = jax.lax.axis_index(axes) * e_local
 
     flat_m = experts_nk.reshape(-1)
     m = flat_m.shape[0]
@@ -68,41 +60,133 @@ def _expert_shard(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd, *, a
     sizes_e = jnp.bincount(flat_m, length=n_experts).astype(jnp.int32)
     local_sizes = jax.lax.dynamic_slice_in_dim(sizes_e, e0, e_local)
     start = jnp.cumsum(sizes_e)[e0] - sizes_e[e0]  # first sorted row of our experts
-    # Rotate the sorted pairs so ours come first; the rest fall past sum(local_sizes).
+    # Rotate the sorted pairs so ours come first; the rest fall past sum(local_sizes) and come
+    # out of the grouped matmul as zero.
     slot_m = order_m[(start + jnp.arange(m)) % m]
-    out_md = grouped_swiglu(x_nd[slot_m // k], local_sizes, gate_edf, up_edf, down_efd)
-    valid_m = jnp.arange(m) < local_sizes.sum()
-    out_md = jnp.where(valid_m[:, None], out_md, 0)
+    x_md = checkpoint_name(x_nd[slot_m // k], "moe_dispatch")
+    out_md = grouped_swiglu(
+        x_md, local_sizes, gate_EDF, up_EDF, down_EFD, impl=impl, platform=platform
+    )
     y_nd = _combine(out_md, slot_m, weights_nk)
-    if axes:
-        y_nd = jax.lax.psum_scatter(y_nd, axes, scatter_dimension=0, tiled=True)
-    return y_nd
+    return jax.lax.psum_scatter(y_nd, axes, scatter_dimension=0, tiled=True)
 
 
-def routed_experts(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd) -> jax.Array:
-    """Σ_k w_k·expert_{e_k}(x) for every token, in float32. x [N, D]; experts, weights [N, K]."""
-    ctx = sharding.current()
-    if ctx is None:
-        return _local(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd)
+def choose_dispatch(dispatch: str, ep_size: int, k: int) -> str:
+    """Resolve `runtime.moe_dispatch` for an expert axis of `ep_size` devices and top-`k` routing.
 
-    batch = ctx.mesh_axes("batch")
-    ep = ctx.mesh_axes("experts")
-    n_experts = gate_edf.shape[0]
-    ep_size = ctx.axis_size("experts")
+    Bytes one device moves per MoE layer for its n tokens (D model width, bf16 activations):
+      all_gather: forward gathers (P-1)·n rows of x (2D bytes) and reduce-scatters (P-1)·n fp32
+        sums (4D); the backward moves the same again (dx reduce-scattered, dy gathered):
+        ≈ 12·D·n·(P-1).
+      all_to_all: each of the n·K rows leaves with probability (P-1)/P and comes back; forward
+        x out + y back (2·2D), backward x and dy·w out + dx and the recomputed y back (4·2D):
+        ≈ 12·D·n·K·(P-1)/P.
+    The ratio all_gather/all_to_all is P/K, so all_gather moves fewer bytes only while P < K
+    (P = 4 with V3's K = 8: half). At P ≥ K all_to_all also holds ~1/P of the rows, so it wins
+    on both counts.
+    """
+    if dispatch not in DISPATCHES:
+        raise ValueError(
+            f"runtime.moe_dispatch={dispatch!r} is not a dispatch; choose from {list(DISPATCHES)}"
+        )
+    if dispatch != "auto":
+        return dispatch
+    return "all_gather" if ep_size < k else "all_to_all"
+
+
+def dispatch_routed(
+    x_nd: jax.Array,
+    experts_nk: jax.Array,
+    weights_nk: jax.Array,
+    gate_EDF: jax.Array,
+    up_EDF: jax.Array,
+    down_EFD: jax.Array,
+    *,
+    mesh_sharding: sharding.Sharding | None,
+    dispatch: str = "auto",
+    grouped_matmul: str = "auto",
+    buffer_factor: float = 1.25,
+) -> jax.Array:
+    """`routed_experts` with its knobs spelled out (the mesh and rules, the dispatch strategy,
+    the grouped matmul implementation, the all-to-all buffer factor)."""
+    impl = grouped_matmul
+    if mesh_sharding is None:
+        return _local(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD, impl=impl)
+
+    batch = mesh_sharding.mesh_axes("batch")
+    ep = mesh_sharding.mesh_axes("experts")
+    n_experts = gate_EDF.shape[0]
+    ep_size = mesh_sharding.axis_size("experts")
     if n_experts % ep_size:
         raise sharding.ShardingError(
             f"{n_experts} routed experts cannot be split over an expert axis of size {ep_size}"
         )
     if ep and not set(ep) <= set(batch):
         raise sharding.ShardingError(f"expert mesh axes {ep} must also split the batch {batch}")
+    strategy = choose_dispatch(dispatch, ep_size, experts_nk.shape[1])
     P = jax.sharding.PartitionSpec
     tokens = P(batch or None)
     weights = P(ep or None)  # each device keeps whole matrices of its own experts
-    body = jax.shard_map(
-        lambda *a: _expert_shard(*a, axes=ep, n_experts=n_experts),
-        mesh=ctx.mesh,
+    mesh = mesh_sharding.mesh
+    # The mesh's devices say where the program runs (a TPU slice compiled ahead of time from a
+    # CPU host: megablox, ragged exchanges), not this host's default backend.
+    platform = mesh.devices.flat[0].platform
+    if not ep:
+        # Every device owns every expert: nothing to exchange, each device runs its own tokens.
+        def body(*a):
+            return _local(*a, impl=impl, platform=platform)
+    elif strategy == "all_gather":
+
+        def body(*a):
+            return _all_gather_shard(*a, axes=ep, impl=impl, platform=platform)
+    else:
+        n_local = x_nd.shape[0] // mesh_sharding.axis_size("batch")
+        pairs = n_local * experts_nk.shape[1]
+        plan = A2APlan(
+            axes=ep,
+            peers=ep_size,
+            buffer=buffer_rows(pairs, ep_size, buffer_factor),
+            impl=impl,
+            platform=platform,
+            exchange=exchange_kind(platform),
+        )
+
+        def body(*a):
+            return a2a_routed_experts(plan, *a)
+
+    return jax.shard_map(
+        body,
+        mesh=mesh,
         in_specs=(tokens, tokens, tokens, weights, weights, weights),
         out_specs=tokens,
         check_vma=False,
+    )(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD)
+
+
+def routed_experts(
+    x_nd: jax.Array,
+    experts_nk: jax.Array,
+    weights_nk: jax.Array,
+    gate_EDF: jax.Array,
+    up_EDF: jax.Array,
+    down_EFD: jax.Array,
+    *,
+    rt: Runtime,
+) -> jax.Array:
+    """Σ_k w_k·expert_{e_k}(x) for every token, [N, D] float32. x [N, D]; experts, weights [N, K].
+
+    The mesh (None: one device) and the knobs (moe_dispatch, grouped_matmul,
+    moe_a2a_buffer_factor) come from the runtime `rt`.
+    """
+    return dispatch_routed(
+        x_nd,
+        experts_nk,
+        weights_nk,
+        gate_EDF,
+        up_EDF,
+        down_EFD,
+        mesh_sharding=rt.sharding,
+        dispatch=rt.cfg.moe_dispatch,
+        grouped_matmul=rt.cfg.grouped_matmul,
+        buffer_factor=rt.cfg.moe_a2a_buffer_factor,
     )
-    return body(x_nd, experts_nk, weights_nk, gate_edf, up_edf, down_efd)

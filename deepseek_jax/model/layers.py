@@ -10,12 +10,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig
+from deepseek_jax.runtime import DTYPES, Runtime
+
+__all__ = ["DTYPES", "Embed", "RMSNorm", "SwiGLU", "cast", "param"]
 
 Axes = tuple[str | None, ...]
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def param(
@@ -23,12 +25,14 @@ def param(
     shape: tuple[int, ...],
     axes: Axes,
     cfg: ModelConfig,
+    rt: Runtime,
     init: str = "normal",
 ) -> nnx.Param:
-    """A parameter of `shape` with logical `axes`; 'normal' draws N(0, init_std²), 'ones' is 1."""
+    """A parameter of `shape` with logical `axes` in the runtime's param dtype; 'normal' draws
+    N(0, init_std²), 'ones' is 1."""
     if len(axes) != len(shape):
         raise ValueError(f"axes {axes} do not match shape {shape}")
-    dtype = DTYPES[cfg.param_dtype]
+    dtype = rt.param_dtype
     if init == "ones":
         value = jnp.ones(shape, dtype)
     elif init == "zeros":
@@ -38,9 +42,9 @@ def param(
     return nnx.Param(value, axes=axes)
 
 
-def cast(p: nnx.Variable, cfg: ModelConfig) -> jax.Array:
+def cast(p: nnx.Variable, rt: Runtime) -> jax.Array:
     """The parameter's value in the compute dtype (fp32 master weights stay untouched)."""
-    return p[...].astype(DTYPES[cfg.compute_dtype])
+    return p[...].astype(rt.compute_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -49,43 +53,41 @@ class RMSNorm(nnx.Module):
     The scale multiplies after the cast back, as the reference implementations do.
     """
 
-    def __init__(self, dim: int, cfg: ModelConfig, axis: str = "embed"):
-        self.cfg = cfg
-        self.scale = param(None, (dim,), (axis,), cfg, init="ones")
+    def __init__(self, dim: int, cfg: ModelConfig, rt: Runtime, axis: str = "embed"):
+        self.cfg, self.rt = cfg, rt
+        self.scale = param(None, (dim,), (axis,), cfg, rt, init="ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(
             jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps
         )
-        dtype = DTYPES[self.cfg.compute_dtype]
-        return cast(self.scale, self.cfg) * x32.astype(dtype)
+        return cast(self.scale, self.rt) * x32.astype(self.rt.compute_dtype)
 
 
 class SwiGLU(nnx.Module):
     """down(silu(gate x) ⊙ up x): the dense FFN and the shared-expert block (SPEC §3)."""
 
-    def __init__(self, cfg: ModelConfig, width: int, rngs: nnx.Rngs):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, width: int, rngs: nnx.Rngs, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
         d = cfg.hidden_size
-        self.gate_DF = param(rngs, (d, width), ("embed", "mlp"), cfg)
-        self.up_DF = param(rngs, (d, width), ("embed", "mlp"), cfg)
-        self.down_FD = param(rngs, (width, d), ("mlp", "embed"), cfg)
+        self.gate_DF = param(rngs, (d, width), ("embed", "mlp"), cfg, rt)
+        self.up_DF = param(rngs, (d, width), ("embed", "mlp"), cfg, rt)
+        self.down_FD = param(rngs, (width, d), ("mlp", "embed"), cfg, rt)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        gate_btf = jnp.einsum("btd,df->btf", x_btd, cast(self.gate_DF, self.cfg))
-        up_btf = jnp.einsum("btd,df->btf", x_btd, cast(self.up_DF, self.cfg))
-        return jnp.einsum(
-            "btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, cast(self.down_FD, self.cfg)
-        )
+        gate_btf = jnp.einsum("btd,df->btf", x_btd, cast(self.gate_DF, self.rt))
+        up_btf = jnp.einsum("btd,df->btf", x_btd, cast(self.up_DF, self.rt))
+        hidden_btf = checkpoint_name(jax.nn.silu(gate_btf) * up_btf, "mlp_hidden")
+        return jnp.einsum("btf,fd->btd", hidden_btf, cast(self.down_FD, self.rt))
 
 
 class Embed(nnx.Module):
     """Token embedding table [V, D] (no scaling, SPEC §1)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
-        self.table_VD = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
+        self.table_VD = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg, rt)
 
     def __call__(self, tokens_bt: jax.Array) -> jax.Array:
-        return jnp.take(cast(self.table_VD, self.cfg), tokens_bt, axis=0)
+        return jnp.take(cast(self.table_VD, self.rt), tokens_bt, axis=0)

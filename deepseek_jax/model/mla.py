@@ -9,61 +9,58 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.layers import RMSNorm, cast, param
 from deepseek_jax.model.rope import apply_rope
-
-
-def attention_mask(t: int, s: int, segment_ids_bt: jax.Array | None, batch: int) -> jax.Array:
-    """[B, 1, T, S] boolean: causal, and within one packed document when segment ids are given."""
-    causal_ts = jnp.arange(t)[:, None] >= jnp.arange(s)[None, :]
-    mask_bts = jnp.broadcast_to(causal_ts, (batch, t, s))
-    if segment_ids_bt is not None:
-        mask_bts = mask_bts & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
-    return mask_bts[:, None]
+from deepseek_jax.ops.attention import attention
+from deepseek_jax.runtime import Runtime
 
 
 class MLA(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
         d, h, m = cfg.hidden_size, cfg.num_heads, cfg.mla
         qk = m.qk_head_dim
         if m.q_lora_rank is None:
-            self.wq_DHK = param(rngs, (d, h, qk), ("embed", "heads", "head_dim"), cfg)
+            self.wq_DHK = param(rngs, (d, h, qk), ("embed", "heads", "head_dim"), cfg, rt)
         else:
             # The down-projections shard along D; their low-rank side stays whole (None), so the
             # up-projections can shard along the rank without two axes meeting on one mesh axis.
-            self.wq_a_DQ = param(rngs, (d, m.q_lora_rank), ("embed", None), cfg)
-            self.q_norm = RMSNorm(m.q_lora_rank, cfg, axis="q_lora")
+            self.wq_a_DQ = param(rngs, (d, m.q_lora_rank), ("embed", None), cfg, rt)
+            self.q_norm = RMSNorm(m.q_lora_rank, cfg, rt, axis="q_lora")
             self.wq_b_QHK = param(
-                rngs, (m.q_lora_rank, h, qk), ("q_lora", "heads", "head_dim"), cfg
+                rngs, (m.q_lora_rank, h, qk), ("q_lora", "heads", "head_dim"), cfg, rt
             )
         # kv_a_proj_with_mqa split in two: the latent rows and the shared RoPE-key rows.
-        self.wkv_a_DR = param(rngs, (d, m.kv_lora_rank), ("embed", None), cfg)
-        self.wk_rope_DK = param(rngs, (d, m.qk_rope_head_dim), ("embed", "head_dim"), cfg)
-        self.kv_norm = RMSNorm(m.kv_lora_rank, cfg, axis="kv_lora")
+        self.wkv_a_DR = param(rngs, (d, m.kv_lora_rank), ("embed", None), cfg, rt)
+        self.wk_rope_DK = param(rngs, (d, m.qk_rope_head_dim), ("embed", "head_dim"), cfg, rt)
+        self.kv_norm = RMSNorm(m.kv_lora_rank, cfg, rt, axis="kv_lora")
         # kv_b_proj split per head into W_UK (keys) and W_UV (values).
         self.wk_b_RHK = param(
-            rngs, (m.kv_lora_rank, h, m.qk_nope_head_dim), ("kv_lora", "heads", "head_dim"), cfg
+            rngs, (m.kv_lora_rank, h, m.qk_nope_head_dim), ("kv_lora", "heads", "head_dim"), cfg, rt
         )
         self.wv_b_RHK = param(
-            rngs, (m.kv_lora_rank, h, m.v_head_dim), ("kv_lora", "heads", "head_dim"), cfg
+            rngs, (m.kv_lora_rank, h, m.v_head_dim), ("kv_lora", "heads", "head_dim"), cfg, rt
         )
-        self.wo_HKD = param(rngs, (h, m.v_head_dim, d), ("heads", "head_dim", "embed"), cfg)
+        self.wo_HKD = param(rngs, (h, m.v_head_dim, d), ("heads", "head_dim", "embed"), cfg, rt)
 
     def queries(self, x_btd: jax.Array) -> jax.Array:
         """q [B, T, H, d_n + d_r], before RoPE."""
         if self.cfg.mla.q_lora_rank is None:
-            return jnp.einsum("btd,dhk->bthk", x_btd, cast(self.wq_DHK, self.cfg))
-        cq_btq = self.q_norm(jnp.einsum("btd,dq->btq", x_btd, cast(self.wq_a_DQ, self.cfg)))
-        return jnp.einsum("btq,qhk->bthk", cq_btq, cast(self.wq_b_QHK, self.cfg))
+            return jnp.einsum("btd,dhk->bthk", x_btd, cast(self.wq_DHK, self.rt))
+        cq_btq = self.q_norm(jnp.einsum("btd,dq->btq", x_btd, cast(self.wq_a_DQ, self.rt)))
+        return jnp.einsum("btq,qhk->bthk", cq_btq, cast(self.wq_b_QHK, self.rt))
 
     def latents(self, x_btd: jax.Array, cos_btk, sin_btk) -> tuple[jax.Array, jax.Array]:
         """Per-token state a cache holds: normed latent [B,T,R] and RoPE'd key [B,T,d_r]."""
-        c_btr = self.kv_norm(jnp.einsum("btd,dr->btr", x_btd, cast(self.wkv_a_DR, self.cfg)))
-        k_pe_btk = jnp.einsum("btd,dk->btk", x_btd, cast(self.wk_rope_DK, self.cfg))
-        return c_btr, apply_rope(k_pe_btk, cos_btk, sin_btk)
+        c_btr = self.kv_norm(jnp.einsum("btd,dr->btr", x_btd, cast(self.wkv_a_DR, self.rt)))
+        k_pe_btk = jnp.einsum("btd,dk->btk", x_btd, cast(self.wk_rope_DK, self.rt))
+        # Tagged for remat policies: the small per-token state every head's K and V come from.
+        c_btr = checkpoint_name(c_btr, "mla_latent")
+        k_pe_btk = checkpoint_name(apply_rope(k_pe_btk, cos_btk, sin_btk), "mla_latent")
+        return c_btr, k_pe_btk
 
     def __call__(
         self,
@@ -72,20 +69,26 @@ class MLA(nnx.Module):
         sin_btk: jax.Array,
         segment_ids_bt: jax.Array | None = None,
     ) -> jax.Array:
-        cfg, d_n = self.cfg, self.cfg.mla.qk_nope_head_dim
-        b, t, _ = x_btd.shape
+        rt, h = self.rt, self.cfg.num_heads
         q_bthk = self.queries(x_btd)
-        q_nope_bthk, q_pe_bthk = q_bthk[..., :d_n], apply_rope(q_bthk[..., d_n:], cos_btk, sin_btk)
-        c_bsr, k_pe_bsk = self.latents(x_btd, cos_btk, sin_btk)
-        k_nope_bshk = jnp.einsum("bsr,rhk->bshk", c_bsr, cast(self.wk_b_RHK, cfg))
-        v_bshk = jnp.einsum("bsr,rhk->bshk", c_bsr, cast(self.wv_b_RHK, cfg))
-
-        scores_bhts = jnp.einsum("bthk,bshk->bhts", q_nope_bthk, k_nope_bshk) + jnp.einsum(
-            "bthk,bsk->bhts", q_pe_bthk, k_pe_bsk
+        d_n = self.cfg.mla.qk_nope_head_dim
+        q_bthk = jnp.concatenate(
+            [q_bthk[..., :d_n], apply_rope(q_bthk[..., d_n:], cos_btk, sin_btk)], axis=-1
         )
-        scores_bhts = scores_bhts.astype(jnp.float32) * cfg.softmax_scale
-        mask = attention_mask(t, t, segment_ids_bt, b)
-        scores_bhts = jnp.where(mask, scores_bhts, jnp.finfo(jnp.float32).min)
-        probs_bhts = jax.nn.softmax(scores_bhts, axis=-1).astype(v_bshk.dtype)
-        out_bthk = jnp.einsum("bhts,bshk->bthk", probs_bhts, v_bshk)
-        return jnp.einsum("bthk,hkd->btd", out_bthk, cast(self.wo_HKD, cfg))
+        c_bsr, k_pe_bsk = self.latents(x_btd, cos_btk, sin_btk)
+        k_nope_bshk = jnp.einsum("bsr,rhk->bshk", c_bsr, cast(self.wk_b_RHK, rt))
+        v_bshk = jnp.einsum("bsr,rhk->bshk", c_bsr, cast(self.wv_b_RHK, rt))
+        # One RoPE key shared by every head (SPEC §1), broadcast next to each head's nope key.
+        b, s, d_r = k_pe_bsk.shape
+        k_pe_bshk = jnp.broadcast_to(k_pe_bsk[:, :, None], (b, s, h, d_r))
+        k_bshk = jnp.concatenate([k_nope_bshk, k_pe_bshk], axis=-1)
+        out_bthk = attention(
+            q_bthk,
+            k_bshk,
+            v_bshk,
+            segment_ids_bt=segment_ids_bt,
+            scale=self.cfg.softmax_scale,
+            rt=rt,
+        )
+        out_bthk = checkpoint_name(out_bthk, "attention_out")
+        return jnp.einsum("bthk,hkd->btd", out_bthk, cast(self.wo_HKD, rt))

@@ -12,10 +12,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig, MoEConfig
 from deepseek_jax.model.dispatch import routed_experts
 from deepseek_jax.model.layers import SwiGLU, cast, param
+from deepseek_jax.runtime import Runtime
 
 
 class RouterBias(nnx.Variable):
@@ -82,24 +84,24 @@ def sequence_balance_loss(
 
 
 class MoE(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
         moe, d = cfg.moe, cfg.hidden_size
         e, f = moe.n_routed_experts, moe.moe_intermediate_size
         # Expert-side weights name their model-width axis `expert_embed`, so that a rules preset
         # can shard attention/dense weights over the expert axis without colliding with E.
-        self.router_DE = param(rngs, (d, e), ("expert_embed", "experts"), cfg)
+        self.router_DE = param(rngs, (d, e), ("expert_embed", "experts"), cfg, rt)
         self.router_bias_E = RouterBias(jnp.zeros((e,), jnp.float32), axes=("experts",))
-        self.gate_EDF = param(rngs, (e, d, f), ("experts", "expert_embed", "mlp"), cfg)
-        self.up_EDF = param(rngs, (e, d, f), ("experts", "expert_embed", "mlp"), cfg)
-        self.down_EFD = param(rngs, (e, f, d), ("experts", "mlp", "expert_embed"), cfg)
+        self.gate_EDF = param(rngs, (e, d, f), ("experts", "expert_embed", "mlp"), cfg, rt)
+        self.up_EDF = param(rngs, (e, d, f), ("experts", "expert_embed", "mlp"), cfg, rt)
+        self.down_EFD = param(rngs, (e, f, d), ("experts", "mlp", "expert_embed"), cfg, rt)
         self.shared = (
-            SwiGLU(cfg, moe.n_shared_experts * f, rngs) if moe.n_shared_experts > 0 else None
+            SwiGLU(cfg, moe.n_shared_experts * f, rngs, rt) if moe.n_shared_experts > 0 else None
         )
 
     def __call__(self, x_btd: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Returns the FFN output and {'load': [E] token counts, 'balance_loss': scalar}."""
-        cfg, moe = self.cfg, self.cfg.moe
+        moe = self.cfg.moe
         b, t, d = x_btd.shape
         e, k = moe.n_routed_experts, moe.n_experts_per_tok
         x_nd = x_btd.reshape(b * t, d)
@@ -112,10 +114,12 @@ class MoE(nnx.Module):
             x_nd,
             experts_nk,
             weights_nk,
-            cast(self.gate_EDF, cfg),
-            cast(self.up_EDF, cfg),
-            cast(self.down_EFD, cfg),
+            cast(self.gate_EDF, self.rt),
+            cast(self.up_EDF, self.rt),
+            cast(self.down_EFD, self.rt),
+            rt=self.rt,
         )
+        routed_nd = checkpoint_name(routed_nd, "moe_out")
         load_e = jnp.bincount(experts_nk.reshape(-1), length=e).astype(jnp.int32)
         y_btd = routed_nd.astype(x_btd.dtype).reshape(b, t, d)
         if self.shared is not None:

@@ -18,18 +18,19 @@ from flax import nnx
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.block import Block
 from deepseek_jax.model.layers import RMSNorm, cast, param
+from deepseek_jax.runtime import Runtime
 
 
 class MTPModule(nnx.Module):
-    def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs):
-        self.cfg = cfg
+    def __init__(self, cfg: ModelConfig, kind: str, rngs: nnx.Rngs, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
         d = cfg.hidden_size
-        self.emb_norm = RMSNorm(d, cfg)
-        self.hidden_norm = RMSNorm(d, cfg)
+        self.emb_norm = RMSNorm(d, cfg, rt)
+        self.hidden_norm = RMSNorm(d, cfg, rt)
         # eh_proj [d, 2d] in the checkpoint; rows of ours: [embedding half; hidden half].
-        self.proj_2DD = param(rngs, (2 * d, d), (None, "embed"), cfg)
-        self.block = Block(cfg, kind, rngs)
-        self.head_norm = RMSNorm(d, cfg)
+        self.proj_2DD = param(rngs, (2 * d, d), (None, "embed"), cfg, rt)
+        self.block = Block(cfg, kind, rngs, rt)
+        self.head_norm = RMSNorm(d, cfg, rt)
 
     def __call__(self, h_btd, emb_btd, cos_btk, sin_btk, segment_ids_bt=None):
         """Returns (h^k before the head norm, head-normed h^k, MoE aux)."""
@@ -39,7 +40,7 @@ class MTPModule(nnx.Module):
     def block_input(self, h_btd: jax.Array, emb_btd: jax.Array) -> jax.Array:
         """h' = [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)] W_k, the block's input."""
         joined_bt2d = jnp.concatenate([self.emb_norm(emb_btd), self.hidden_norm(h_btd)], axis=-1)
-        return jnp.einsum("bte,ed->btd", joined_bt2d, cast(self.proj_2DD, self.cfg))
+        return jnp.einsum("bte,ed->btd", joined_bt2d, cast(self.proj_2DD, self.rt))
 
 
 def shift_tokens(tokens_bt: jax.Array, k: int, pad: int = 0) -> jax.Array:

@@ -19,9 +19,13 @@ def initialize(cfg: DistributedConfig) -> None:
     # Cross-process collectives between CPU devices need an implementation named; GPU and TPU
     # backends ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+    # A short heartbeat timeout bounds how long the survivors of a crashed process wait in a
+    # collective: the coordination service declares it dead and stops them with its name.
     jax.distributed.initialize(
         coordinator_address=cfg.coordinator_address,
         num_processes=cfg.num_processes,
         process_id=cfg.process_id,
+        initialization_timeout=cfg.initialization_timeout_s,
+        heartbeat_timeout_seconds=cfg.heartbeat_timeout_s,
     )
     _initialized = True

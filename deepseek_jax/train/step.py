@@ -26,6 +26,7 @@ from deepseek_jax import sharding
 from deepseek_jax.config import Config
 from deepseek_jax.model import DeepSeek
 from deepseek_jax.model.moe import RouterBias
+from deepseek_jax.runtime import Runtime
 from deepseek_jax.train.loss import loss_sums
 from deepseek_jax.train.optim import learning_rate, make_optimizer
 
@@ -72,7 +73,9 @@ class Trainer:
 
     @classmethod
     def create(cls, cfg: Config, mesh_sharding: sharding.Sharding | None) -> Trainer:
-        abstract = nnx.eval_shape(lambda: DeepSeek(cfg.model, nnx.Rngs(0)))
+        """The model runs with `Runtime(cfg.runtime, mesh_sharding)`, baked into the graphdef."""
+        rt = Runtime(cfg.runtime, mesh_sharding)
+        abstract = nnx.eval_shape(lambda: DeepSeek(cfg.model, nnx.Rngs(0), runtime=rt))
         graphdef, params, biases = nnx.split(abstract, nnx.Param, RouterBias)
         param_axes, bias_axes = axes_tree(params), axes_tree(biases)
         trainer = cls(
@@ -117,7 +120,7 @@ class Trainer:
         seed = self.cfg.train.seed if seed is None else seed
 
         def init_fn():
-            model = DeepSeek(self.cfg.model, nnx.Rngs(seed))
+            model = DeepSeek(self.cfg.model, nnx.Rngs(seed), runtime=self.runtime)
             _, params, biases = nnx.split(model, nnx.Param, RouterBias)
             params = nnx.to_pure_dict(params)
             return TrainState(
@@ -142,6 +145,10 @@ class Trainer:
 
         return jax.jit(build, out_shardings=self.state_shardings)(params, router_bias)
 
+    @property
+    def runtime(self) -> Runtime:
+        return Runtime(self.cfg.runtime, self.mesh_sharding)
+
     def model(self, state: TrainState) -> DeepSeek:
         return nnx.merge(self.graphdef, state.params, state.router_bias)
 
@@ -162,8 +169,9 @@ class Trainer:
                 positions_bt=mb.get("positions"),
                 segment_ids_bt=mb.get("segment_ids"),
                 with_mtp=depth > 0,
+                logits=self.cfg.runtime.cross_entropy == "full",
             )
-            sums = loss_sums(out, mb, depth)
+            sums = loss_sums(out, mb, depth, model)
             balance = out.balance_loss if out.balance_loss is not None else jnp.zeros((0,))
             # Balance loss is a mean over the micro-batch's sequences: weight it by its share.
             share = mb["tokens"].shape[0] / seqs
@@ -187,7 +195,8 @@ class Trainer:
 
         def body(carry, mb):
             if self.mesh_sharding is not None:
-                mb = {k: sharding.constrain(v, ("batch", None)) for k, v in mb.items()}
+                sh = self.mesh_sharding
+                mb = {k: sharding.constrain(v, ("batch", None), sh) for k, v in mb.items()}
             (obj, aux), grads = grad_fn(state.params, mb)
             acc = jax.tree.map(jnp.add, carry, (obj, aux, grads))
             return acc, None
@@ -201,10 +210,6 @@ class Trainer:
         return obj, aux, grads
 
     def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        with sharding.use(self.mesh_sharding):
-            return self._step(state, batch)
-
-    def _step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         tc = self.cfg.train
         obj, aux, grads = self.loss_and_grads(state, batch)
         grad_norm = optax.tree.norm(grads)
@@ -233,6 +238,16 @@ class Trainer:
             if load.size
             else jnp.zeros((0,)),
         }
+        # Numerical guard: a non-finite loss or gradient norm applies nothing (params, optimizer
+        # state and router biases stay as they were); the step counter still advances, as its
+        # batch was consumed. The loop counts such steps and stops after train.max_bad_steps.
+        finite = jnp.isfinite(obj) & jnp.isfinite(grad_norm)
+        params, opt_state, router_bias = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (params, opt_state, router_bias),
+            (state.params, state.opt_state, state.router_bias),
+        )
+        metrics["bad_step"] = jnp.logical_not(finite).astype(jnp.int32)
         new_state = TrainState(
             step=state.step + 1, params=params, router_bias=router_bias, opt_state=opt_state
         )
@@ -240,15 +255,15 @@ class Trainer:
 
     def eval_step(self, state: TrainState, batch: Batch) -> dict:
         """Held-out next-token loss of the main model: masked CE sum and token count."""
-        with sharding.use(self.mesh_sharding):
-            model = self.model(state)
-            out = model.forward(
-                batch["tokens"],
-                positions_bt=batch.get("positions"),
-                segment_ids_bt=batch.get("segment_ids"),
-                with_mtp=False,
-            )
-            sums = loss_sums(out, batch, 0)
+        model = self.model(state)
+        out = model.forward(
+            batch["tokens"],
+            positions_bt=batch.get("positions"),
+            segment_ids_bt=batch.get("segment_ids"),
+            with_mtp=False,
+            logits=self.cfg.runtime.cross_entropy == "full",
+        )
+        sums = loss_sums(out, batch, 0, model)
         return {"lm": sums["lm"], "tokens": sums["tokens"]}
 
     def jitted_eval_step(self) -> Callable[[TrainState, Batch], dict]:

@@ -183,6 +183,23 @@ class SafetensorsFile:
             raise self._corrupt(f"read {out.size} of {count} elements (file truncated?)", name)
         return out.reshape(shape)
 
+    def read_slice(
+        self, name: str, index: Sequence[slice], view: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """A fresh array holding ``tensor.reshape(view)[index]`` (``index``: one slice of step 1
+        per axis), read with plain file reads of at most ``READ_CHUNK_BYTES`` beyond the result,
+        so memory stays near the size of the slice whatever the size of the tensor."""
+        dtype, shape, begin, _ = self._entry(name)
+        view = tuple(shape if view is None else view)
+        if math.prod(view) != math.prod(shape):
+            raise ValueError(f"tensor {name!r} of shape {list(shape)} cannot be viewed as {view}")
+        bounds = _bounds(index, view)
+        out = np.empty([b - a for a, b in bounds], dtype)
+        if out.size:
+            with open(self.path, "rb") as f:
+                _read_region(f, self._data_start + begin, view, bounds, dtype, out)
+        return out
+
     def close(self) -> None:
         """Drop this object's memory map; arrays already returned keep it alive."""
         self._mmap = None
@@ -195,6 +212,45 @@ class SafetensorsFile:
 
     def __repr__(self) -> str:
         return f"SafetensorsFile({self.path!r}, {len(self)} tensors)"
+
+
+READ_CHUNK_BYTES = 8 * 2**20  # largest plain read of a sliced tensor beyond the slice itself
+
+
+def _bounds(index: Sequence[slice], shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    if len(index) != len(shape):
+        raise ValueError(f"slice {index} has {len(index)} axes for a view of shape {shape}")
+    out = []
+    for s, n in zip(index, shape, strict=True):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"slice {s} has step {step}; only contiguous slices are read")
+        out.append((start, max(start, stop)))
+    return out
+
+
+def _read_region(f, offset: int, shape, bounds, dtype: np.dtype, out: np.ndarray) -> None:
+    """Fill `out` with the C-ordered array of `shape` at file `offset`, cut to `bounds`.
+
+    Rows (index along axis 0) are read in runs of at most READ_CHUNK_BYTES and cut on the other
+    axes; a row larger than that is read by recursing into it."""
+    row_items = math.prod(shape[1:])
+    row_bytes = row_items * dtype.itemsize
+    first, last = bounds[0]
+    if len(shape) > 1 and row_bytes > READ_CHUNK_BYTES:
+        for r in range(first, last):
+            _read_region(f, offset + r * row_bytes, shape[1:], bounds[1:], dtype, out[r - first])
+        return
+    rest = tuple(slice(a, b) for a, b in bounds[1:])
+    per_read = max(1, READ_CHUNK_BYTES // max(row_bytes, 1))
+    for r0 in range(first, last, per_read):
+        r1 = min(last, r0 + per_read)
+        f.seek(offset + r0 * row_bytes)
+        raw = f.read((r1 - r0) * row_bytes)
+        if len(raw) != (r1 - r0) * row_bytes:
+            raise ValueError(f"corrupt safetensors file {f.name}: short read (file truncated?)")
+        rows = np.frombuffer(raw, dtype).reshape((r1 - r0, *shape[1:]))
+        out[r0 - first : r1 - first] = rows[(slice(None), *rest)]
 
 
 class CheckpointReader:
@@ -285,6 +341,12 @@ class CheckpointReader:
     def read(self, name: str) -> np.ndarray:
         """A fresh copy of ``name`` read without a memory map (see ``SafetensorsFile.read``)."""
         return self._file_for(name)[0].read(name)
+
+    def read_slice(
+        self, name: str, index: Sequence[slice], view: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """``name`` viewed as ``view``, cut to ``index`` (see ``SafetensorsFile.read_slice``)."""
+        return self._file_for(name)[0].read_slice(name, index, view)
 
     def close(self) -> None:
         for st in self._files.values():

@@ -13,10 +13,12 @@ the block always covers the last two axes.
 
 from __future__ import annotations
 
+import math
+
 import ml_dtypes
 import numpy as np
 
-__all__ = ["E4M3_MAX", "dequantize_fp8_block", "quantize_fp8_block"]
+__all__ = ["E4M3_MAX", "dequantize_fp8_block", "dequantize_fp8_slice", "quantize_fp8_block"]
 
 E4M3_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448.0
 
@@ -93,3 +95,43 @@ def quantize_fp8_block(
     np.clip(q, -E4M3_MAX, E4M3_MAX, out=q)
     w_fp8 = _from_blocks(q.astype(ml_dtypes.float8_e4m3fn), w.shape)
     return np.ascontiguousarray(w_fp8), scale
+
+
+def dequantize_fp8_slice(
+    w_fp8: np.ndarray,
+    scale_inv: np.ndarray,
+    block: tuple[int, int],
+    shape: tuple[int, int],
+    view: tuple[int, ...],
+    bounds: list[tuple[int, int]],
+) -> np.ndarray:
+    """float32 ``W.reshape(view)[bounds]`` from the same slice ``w_fp8`` of the FP8 weight.
+
+    ``shape`` is the weight's stored 2-D shape ``[M, N]`` (whose blocks the scales cover) and
+    ``view`` a reshape of it whose leading axes split M and trailing axes split N (as the
+    checkpoint mapping's views do). Only the slice is ever materialized, plus one row of scales.
+    """
+    m, n = shape
+    bm, bn = int(block[0]), int(block[1])
+    expected = _block_grid(shape, (bm, bn))
+    if scale_inv.shape != expected:
+        raise ValueError(
+            f"FP8 scale_inv has shape {scale_inv.shape}, but a weight of shape {shape} with "
+            f"block {block} needs {expected}"
+        )
+    split = next((k for k in range(len(view) + 1) if math.prod(view[:k]) == m), None)
+    if split is None or math.prod(view[split:]) != n:
+        raise ValueError(f"view {view} does not split the FP8 weight's axes {shape}")
+
+    def flat(axes, sizes):  # row-major positions along M (or N) of the sliced coordinates
+        grids = np.meshgrid(*[np.arange(a, b) for a, b in axes], indexing="ij")
+        return np.ravel_multi_index(grids, sizes).reshape(-1) if axes else np.zeros(1, np.int64)
+
+    rows, cols = flat(bounds[:split], view[:split]), flat(bounds[split:], view[split:])
+    out = w_fp8.astype(np.float32).reshape(rows.size, cols.size)
+    col_blocks = cols // bn
+    row_blocks = rows // bm  # non-decreasing: the slice keeps row-major order
+    edges = np.flatnonzero(np.diff(row_blocks)) + 1
+    for r0, r1 in zip([0, *edges], [*edges, rows.size], strict=True):
+        out[r0:r1] *= scale_inv[row_blocks[r0], col_blocks].astype(np.float32)
+    return out.reshape(w_fp8.shape)

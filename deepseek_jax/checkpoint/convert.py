@@ -2,7 +2,7 @@
 
 `hf_to_orbax` reads an official-layout checkpoint (V2 or V3, single file or sharded, FP8
 block-quantized or not, with or without MTP layers) one tensor at a time and writes each into its
-slot of a pre-created zarr array (see `orbax_io` for the directory layout). `orbax_to_hf` reads
+slot of a pre-created zarr array (see `arrays` for the directory layout). `orbax_to_hf` reads
 a converted directory or a training checkpoint slice by slice and appends each HF tensor to the
 open shard file, whose header was computed from the shapes beforehand. Neither ever holds the
 model: memory stays near the largest tensor. Both write into a temporary sibling of the
@@ -26,15 +26,10 @@ import ml_dtypes
 import numpy as np
 import tqdm
 
-from deepseek_jax.config import ConfigError, parse_overrides, replace, to_dict, to_hf_config
-from deepseek_jax.hf.load import (
-    CheckpointError,
-    check_tensors,
-    open_hf,
-    read_tensor,
-    without_absent_mtp,
-)
-from deepseek_jax.hf.mapping import (
+from deepseek_jax.checkpoint.arrays import ArrayStore, ArrayWriter, check_arrays, store_key
+from deepseek_jax.checkpoint.errors import CheckpointError
+from deepseek_jax.checkpoint.hf import check_tensors, read_tensor
+from deepseek_jax.checkpoint.mapping import (
     hf_tensors,
     is_bias_leaf,
     is_fp32_leaf,
@@ -43,18 +38,17 @@ from deepseek_jax.hf.mapping import (
     to_hf,
     to_ours,
 )
-from deepseek_jax.hf.orbax_io import (
+from deepseek_jax.checkpoint.safetensors_io import CheckpointReader, write_streaming
+from deepseek_jax.checkpoint.source import (
     FORMAT,
     META_FILE,
     PARAMS_DIR,
     VERSION,
-    ArrayStore,
-    ArrayWriter,
-    check_arrays,
-    find_source,
-    store_key,
+    ConvertedSource,
+    HFSource,
+    resolve,
 )
-from deepseek_jax.hf.safetensors_io import CheckpointReader, write_streaming
+from deepseek_jax.config import ConfigError, parse_overrides, replace, to_dict, to_hf_config
 
 __all__ = ["add_convert_parser", "hf_to_orbax", "orbax_to_hf", "parse_size"]
 
@@ -144,15 +138,19 @@ def hf_to_orbax(
 
     Weights are stored as `dtype` (float32 or bfloat16); router gates and correction biases stay
     float32. FP8 weights are dequantized. `overrides` are dotted ModelConfig keys recorded in the
-    metadata (e.g. compute_dtype=bfloat16, remat=full); keys that change shapes are refused.
+    metadata (e.g. max_position_embeddings=8192); keys that change shapes are refused.
     """
     src, dst = os.fspath(src), os.path.abspath(os.fspath(dst))
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    _, cfg, block = open_hf(src, param_dtype=dtype)
+    source = resolve(src)
+    if not isinstance(source, HFSource):
+        raise CheckpointError(
+            f"{source.path} is a {source.kind} checkpoint, not a Hugging Face one"
+        )
+    block = source.fp8_block
+    cfg = _apply_overrides(source.model, overrides)
     with CheckpointReader(src) as reader:
-        cfg = without_absent_mtp(cfg, reader)
-        cfg = _apply_overrides(cfg, overrides)
         plan = check_tensors(cfg, reader, block)  # every check before anything is written
         source_dtype, dtype_exceptions = _source_dtypes(reader, plan)
         specs = leaf_specs(cfg)
@@ -267,13 +265,15 @@ def orbax_to_hf(
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     max_shard = parse_size(shard_size)
-    source = find_source(src)
+    source = resolve(src)
+    if isinstance(source, HFSource):
+        raise CheckpointError(f"{source.path} is already a Hugging Face checkpoint")
     cfg = source.model
     store = ArrayStore(source.arrays_dir)
     check_arrays(source, store)
     plan = hf_tensors(cfg)
     by_name = {t.name: t for t in plan}
-    meta = source.meta or {}
+    meta = source.meta if isinstance(source, ConvertedSource) else {}
 
     def out_dtype(t) -> np.dtype:
         if dtype is not None:

@@ -1,4 +1,4 @@
-"""Our Orbax checkpoints on disk: converted directories and training runs, array by array.
+"""Our Orbax array directories, array by array: converted checkpoints and training steps.
 
 A converted directory (written by `hf_to_orbax`) holds:
 - `params/`: an Orbax PyTree checkpoint (zarr v2 per leaf, no OCDBT) of
@@ -12,13 +12,12 @@ A training step directory holds the same two subtrees inside its `state` item (O
 the optimizer state, with the run's Config in its `config` item.
 
 `ArrayStore` reads either through TensorStore one slice at a time; `restore` hands them to Orbax
-for whole-model restores (`deepseek_jax.load`, `train.init_from`).
+for whole-model restores onto devices (`deepseek_jax.load`, `train.init_from`).
 """
 
 from __future__ import annotations
 
 import ast
-import dataclasses
 import json
 import os
 import time
@@ -30,24 +29,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 
-from deepseek_jax.config import Config, ConfigError, ModelConfig, config_from_dict, replace
-from deepseek_jax.hf.load import CheckpointError
-from deepseek_jax.hf.mapping import is_bias_leaf, leaf_specs, stack_layout
+from deepseek_jax.checkpoint.errors import CheckpointError
+from deepseek_jax.checkpoint.mapping import is_bias_leaf, leaf_specs
+from deepseek_jax.checkpoint.source import ConvertedSource, TrainingSource
 
-FORMAT = "deepseek_jax.converted"
-VERSION = 1
-META_FILE = "deepseek_jax.json"
-PARAMS_DIR = "params"
 GROUPS = ("params", "router_bias")
 
-__all__ = [
-    "ArrayStore",
-    "ArrayWriter",
-    "Source",
-    "find_source",
-    "load_orbax",
-    "restore",
-]
+__all__ = ["ArrayStore", "ArrayWriter", "check_arrays", "restore", "store_key"]
 
 
 def store_key(leaf: str) -> str:
@@ -183,83 +171,9 @@ class ArrayStore:
         return np.asarray(self._array(key)[index].read().result())
 
 
-# -- sources ------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-    kind: str  # "converted" or "training"
-    path: str  # the directory the user named
-    arrays_dir: str  # Orbax PyTree directory holding the params and router_bias subtrees
-    model: ModelConfig
-    meta: dict | None = None  # deepseek_jax.json of a converted directory
-    config: Config | None = None  # the whole saved Config of a training run
-
-
-def _newest_step(directory: str) -> str | None:
-    steps = [
-        int(name)
-        for name in os.listdir(directory)
-        if name.isdigit() and os.path.isdir(os.path.join(directory, name, "state"))
-    ]
-    return os.path.join(directory, str(max(steps))) if steps else None
-
-
-def find_source(path: str | os.PathLike, required: bool = True) -> Source | None:
-    """What `path` is: a converted directory, or a training run / checkpoints / step directory
-    (newest step). None (or CheckpointError when `required`) if it is none of them."""
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isfile(os.path.join(path, META_FILE)):
-        return _converted(path)
-    step = None
-    if os.path.isdir(os.path.join(path, "state")):
-        step = path
-    else:
-        for candidate in (os.path.join(path, "checkpoints"), path):
-            if os.path.isdir(candidate) and (step := _newest_step(candidate)):
-                break
-    if step is None:
-        if required:
-            raise CheckpointError(
-                f"{path} is neither a converted checkpoint ({META_FILE}) nor a training run, "
-                "checkpoints or step directory (no <step>/state)"
-            )
-        return None
-    config_path = os.path.join(step, "config", "metadata")
-    try:
-        with open(config_path) as f:
-            config = config_from_dict(json.load(f))
-    except (OSError, ValueError, ConfigError) as e:
-        raise CheckpointError(f"cannot read the run config {config_path}: {e}") from None
-    return Source("training", path, os.path.join(step, "state"), config.model, config=config)
-
-
-def _converted(path: str) -> Source:
-    meta_path = os.path.join(path, META_FILE)
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format is {meta.get('format')!r}, not {FORMAT!r}")
-        if meta.get("version") != VERSION:
-            raise ValueError(f"version {meta.get('version')!r} is not {VERSION}")
-        model = config_from_dict({"model": meta["model"]}).model
-        layout = meta["layout"]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, ConfigError) as e:
-        raise CheckpointError(f"{meta_path} is missing or garbled: {e}") from None
-    want = {
-        "format": "stacked",
-        "layer_kinds": list(model.layer_kinds),
-        "stacks": stack_layout(model),
-    }
-    if layout != want:
-        raise CheckpointError(
-            f"{meta_path}: layer layout {layout} does not match its model config ({want})"
-        )
-    return Source("converted", path, os.path.join(path, PARAMS_DIR), model, meta)
-
-
-def check_arrays(source: Source, store: ArrayStore) -> dict[str, jax.ShapeDtypeStruct]:
+def check_arrays(
+    source: ConvertedSource | TrainingSource, store: ArrayStore
+) -> dict[str, jax.ShapeDtypeStruct]:
     """Every leaf the model config needs, with the stored shape; raises on any mismatch."""
     specs = leaf_specs(source.model)
     for leaf, spec in specs.items():
@@ -279,7 +193,7 @@ def check_arrays(source: Source, store: ArrayStore) -> dict[str, jax.ShapeDtypeS
     return specs
 
 
-def restore(source: Source, abstract: dict) -> dict:
+def restore(source: ConvertedSource | TrainingSource, abstract: dict) -> dict:
     """{"params": ..., "router_bias": ...} restored by Orbax onto `abstract` (the same two pure
     dicts of ShapeDtypeStructs with shardings), cast to its dtypes; optimizer state is skipped."""
     check_arrays(source, ArrayStore(source.arrays_dir))
@@ -290,58 +204,3 @@ def restore(source: Source, abstract: dict) -> dict:
     )
     with ocp.PyTreeCheckpointer() as checkpointer:
         return checkpointer.restore(source.arrays_dir, args=args)
-
-
-def model_differences(a: ModelConfig, b: ModelConfig) -> dict[str, tuple]:
-    """Fields of two model configs that differ, ignoring the ones that do not change weights."""
-    ignore = {"param_dtype", "compute_dtype", "scan_layers", "remat", "init_std"}
-    da, db = dataclasses.asdict(a), dataclasses.asdict(b)
-    return {k: (da[k], db[k]) for k in da if k not in ignore and da[k] != db[k]}
-
-
-def load_orbax(
-    path: str | os.PathLike,
-    *,
-    compute_dtype: str = "float32",
-    param_dtype: str = "float32",
-    scan_layers: bool = True,
-    mesh_sharding=None,
-):
-    """A DeepSeek model from a converted directory or a training run (see `find_source`).
-
-    With `mesh_sharding` (a `deepseek_jax.sharding.Sharding`), every array is restored straight
-    into its shards on the mesh, placed by the rules as in training: no host ever holds a
-    whole stacked array, which is what lets a model larger than one host's memory load."""
-    source = find_source(path)
-    cfg = replace(
-        source.model, compute_dtype=compute_dtype, param_dtype=param_dtype, scan_layers=scan_layers
-    )
-    from flax import nnx
-
-    from deepseek_jax.model import DeepSeek
-    from deepseek_jax.model.moe import RouterBias
-    from deepseek_jax.sharding import state_shardings
-
-    graphdef, params, biases = nnx.split(
-        nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0))), nnx.Param, RouterBias
-    )
-    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-
-    def targets(state):
-        if mesh_sharding is None:
-            shardings = jax.tree.map(lambda _: one_device, nnx.to_pure_dict(state))
-        else:
-            shardings = nnx.to_pure_dict(state_shardings(state, mesh_sharding))
-        return jax.tree.map(
-            lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-            nnx.to_pure_dict(state),
-            shardings,
-        )
-
-    restored = restore(
-        dataclasses.replace(source, model=cfg),
-        {"params": targets(params), "router_bias": targets(biases)},
-    )
-    nnx.replace_by_pure_dict(params, restored["params"])
-    nnx.replace_by_pure_dict(biases, restored["router_bias"])
-    return nnx.merge(graphdef, params, biases)

@@ -1,1 +1,0 @@
-"""Hugging Face checkpoint I/O: a NumPy safetensors reader/writer and FP8 block (de)quantization."""

@@ -1,0 +1,216 @@
+"""`deepseek-jax plan`: real TPU compiles (libtpu compile-only devices) of small programs."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+pytest.importorskip("libtpu", reason='plan needs libtpu: pip install -e ".[tpu-aot]"')
+
+from deepseek_jax import sharding  # noqa: E402
+from deepseek_jax.cli import main  # noqa: E402
+from deepseek_jax.config import load_config  # noqa: E402
+from deepseek_jax.plan import format_result, parse_topology, plan  # noqa: E402
+from deepseek_jax.plan.hlo import summarize  # noqa: E402
+from deepseek_jax.train.step import Trainer  # noqa: E402
+
+# Megablox gmm (the TPU default) needs 128-multiples; tiny's 64-wide experts take ragged_dot.
+GMM = "runtime.grouped_matmul=ragged_dot"
+# Small enough to compile in seconds: one dense and one MoE layer, no MTP, 8 x 64 tokens.
+TINY = [
+    GMM,
+    "model.num_layers=2",
+    "model.mtp.depth=0",
+    "train.batch_size=8",
+    "train.seq_len=64",
+    "mesh.fsdp=2",
+    "mesh.expert=2",
+]
+
+_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
+
+
+def _printed(text: str, label: str) -> float:
+    m = re.search(re.escape(label) + r"\s+([\d.]+) (B|KiB|MiB|GiB|TiB)", text)
+    assert m, f"{label!r} not in:\n{text}"
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _independent_memory(overrides: list[str]):
+    """Compile the Trainer's step here, without the plan package, and read memory_analysis."""
+    from jax.experimental import mesh_utils
+
+    cfg = load_config("tiny", overrides)
+    devices = parse_topology("v5p-8").devices()
+    sizes = cfg.mesh.resolve(len(devices))
+    grid = mesh_utils.create_device_mesh(tuple(sizes[a] for a in sharding.MESH_AXES), devices)
+    mesh = jax.sharding.Mesh(grid, sharding.MESH_AXES)
+    trainer = Trainer.create(cfg, sharding.Sharding(mesh, sharding.rules_for(cfg.mesh.rules)))
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(trainer.init),
+        trainer.state_shardings,
+    )
+    b, t = cfg.train.batch_size, cfg.train.seq_len
+    batch = {
+        k: jax.ShapeDtypeStruct((b, t), dt, sharding=trainer.batch_sharding)
+        for k, dt in (("tokens", jnp.int32), ("targets", jnp.int32), ("loss_mask", jnp.float32))
+    }
+    return trainer.jitted_step().lower(state, batch).compile().memory_analysis()
+
+
+def test_plan_tiny_memory_is_the_executables():
+    result = plan("tiny", "v5p-8", TINY)
+    assert result.fits and result.chips == 4 and result.chip == "v5p"
+    assert result.mesh == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 1}
+    text = format_result(result)
+    ma = _independent_memory(TINY)
+    for label, key in (
+        ("arguments (memory_analysis)", "argument_size_in_bytes"),
+        ("outputs", "output_size_in_bytes"),
+        ("temporaries", "temp_size_in_bytes"),
+    ):
+        assert result.memory[key] == getattr(ma, key), key
+        assert _printed(text, label) == pytest.approx(getattr(ma, key), rel=0.01), label
+    total = (
+        ma.argument_size_in_bytes
+        + ma.output_size_in_bytes
+        - ma.alias_size_in_bytes
+        + ma.temp_size_in_bytes
+    )
+    assert _printed(text, "total = args + out - alias + temp") == pytest.approx(total, rel=0.01)
+    # The compiler's own HBM limit for v5p (read from an out-of-memory error) is about 95.7 GiB.
+    assert 90 * 2**30 < result.hbm_compiler_bytes < 100 * 2**30
+    # Parameters per chip from the shardings: fp32, split 4 ways at most, 2 ways at least.
+    cfg = load_config("tiny", TINY)
+    from deepseek_jax.model.stats import param_counts
+
+    n = param_counts(cfg.model)["total"]
+    assert 4 * n / 4 <= result.state_bytes["params"] <= 4 * n / 2
+    assert result.state_bytes["opt_state"] >= 2 * result.state_bytes["params"]  # Adam mu, nu
+    # A fitting plan has a roofline, collectives over the 2-way axes and the scan's trip count.
+    assert result.roofline is not None and result.roofline.step_s > 0
+    assert result.collectives["all-gather"]["traffic_bytes"] > 0
+    assert all(t == 1 for _, t in result.loops)  # one dense and one MoE layer: scans of 1
+    # expert 2: the all-gather dispatch gathers tokens and routing inside moe's shard_map.
+    assert result.moe_layers == 1
+    assert 0 < result.dispatch["all-gather"]["traffic_bytes"]
+    assert (
+        result.dispatch["all-gather"]["traffic_bytes"]
+        <= (result.collectives["all-gather"]["traffic_bytes"])
+    )
+    assert "per MoE layer (1 layers)" in text
+    assert "fits: yes" in text
+
+
+def test_collective_parser_on_a_hand_made_program():
+    """Known sizes: an all-gather of 8 KiB pieces over 4 devices in a 5-step loop, and a psum."""
+    devices = parse_topology("v5p-8").devices()
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("x",))
+    spec = PartitionSpec("x")
+
+    def body(w_lrc):
+        def step(acc, w_rc):  # w_rc: this device's [64, 32] f32 piece = 8 KiB
+            full = jax.lax.all_gather(w_rc, "x", tiled=True)  # [256, 32]
+            return acc + full.sum(), None
+
+        acc, _ = jax.lax.scan(step, 0.0 * w_lrc[0, 0, 0], w_lrc)  # a per-device carry
+        return jax.lax.psum(acc, "x")[None]
+
+    f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=PartitionSpec(None, "x"), out_specs=spec))
+    w = jax.ShapeDtypeStruct(
+        (5, 256, 32), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec(None, "x"))
+    )
+    hlo = f.lower(w).compile().as_text()
+    s = summarize(hlo, 4)
+    gather = s.collectives["all-gather"]
+    assert gather.executions == 5
+    assert gather.buffer_bytes == 5 * 64 * 32 * 4
+    assert gather.traffic_bytes == 5 * 3 * 64 * 32 * 4  # each device receives 3 pieces
+    reduce = s.collectives["all-reduce"]
+    assert reduce.executions >= 1
+    assert reduce.traffic_bytes == pytest.approx(reduce.buffer_bytes * 2 * 3 / 4)
+    assert (None not in [t for _, t in s.loops]) and 5 in [t for _, t in s.loops]
+
+
+def test_plan_cli_does_not_fit_exits_nonzero_with_json(capsys):
+    # A 50M-token vocabulary: 50M x 128 fp32 embedding and head, with Adam, on one 16 GB v5e chip.
+    code = main(
+        [
+            "plan",
+            "tiny",
+            "--topology",
+            "v5e-1",
+            "model.vocab_size=50000000",
+            GMM,
+            "model.num_layers=2",
+            "model.mtp.depth=0",
+            "train.batch_size=1",
+            "train.seq_len=16",
+            "--json",
+        ]
+    )
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "does not fit" in err
+    (result,) = json.loads(out)
+    assert result["fits"] is False and result["chips"] == 1
+    assert "RESOURCE_EXHAUSTED" in result["error"] or "memory" in result["error"].lower()
+    assert result["compiler_required_bytes"] > result["hbm_compiler_bytes"]
+    # The state alone (fp32 params + 2 Adam moments of two 50M x 128 tables) is ~143 GiB.
+    state = result["state_bytes"]["params"] + result["state_bytes"]["opt_state"]
+    assert state > 3 * 2 * 50_000_000 * 128 * 4 * 0.99
+
+
+def test_topology_names():
+    t = parse_topology("v5p-512")
+    assert (t.chips, t.libtpu_name) == (256, "v5p:4x8x8")
+    assert parse_topology("v4-128").chips == 64
+    assert parse_topology("v5e-256").chips == 256
+    assert parse_topology("v6e-8").libtpu_name == "v6e:2x4"
+    assert parse_topology("v5p:8x8x4").chips == 256
+    with pytest.raises(ValueError, match="N must be even"):
+        parse_topology("v5p-7")
+    with pytest.raises(ValueError, match="expected e.g."):
+        parse_topology("a100-8")
+
+
+def test_sweep_candidates_cover_meshes_rules_and_remat():
+    from deepseek_jax.plan.run import remat_key, sweep_candidates
+
+    cfg = load_config("deepseek-v3-671b")
+    got = sweep_candidates(cfg, 256)
+    key = remat_key(cfg)
+    meshes = {tuple(o for o in c if o.startswith("mesh.") and "rules" not in o) for c in got}
+    assert meshes == {
+        ("mesh.data=1", "mesh.fsdp=256", "mesh.expert=1"),
+        ("mesh.data=1", "mesh.fsdp=32", "mesh.expert=8"),
+        ("mesh.data=1", "mesh.fsdp=4", "mesh.expert=64"),
+    }
+    assert ["mesh.rules=fsdp"] == sorted(
+        {o for c in got if "mesh.expert=1" in c for o in c if "rules" in o}
+    )
+    assert {f"{key}=full", f"{key}=none"} <= {o for c in got for o in c if o.startswith(key)}
+    mine = sweep_candidates(cfg, 256, meshes=["fsdp=4,expert=64"], rules=["ep"], remats=["full"])
+    assert mine == [["mesh.fsdp=4", "mesh.expert=64", "mesh.rules=ep", f"{key}=full"]]
+
+
+def test_plan_generate_holds_the_latent_cache_in_bf16(capsys):
+    """Decode: weights and cache in the compute dtype, rows split over the 4 chips."""
+    args = ["plan", "tiny", "--topology", "v5e-4", "--generate", "--batch", "8"]
+    code = main([*args, "--context", "512", "model.num_layers=2", GMM, "--json"])
+    (r,) = json.loads(capsys.readouterr().out)
+    assert code == 0 and r["fits"] and r["mode"] == "generate"
+    cfg = load_config("tiny")
+    m = cfg.model.mla
+    # 2 layers x 2 rows x 512 slots x (d_c + d_r) bf16, plus 2 int32 row lengths.
+    per_chip_cache = 2 * (8 // 4) * 512 * (m.kv_lora_rank + m.qk_rope_head_dim) * 2 + 2 * 4
+    assert r["state_bytes"]["cache"] == per_chip_cache
+    assert r["memory"]["argument_size_in_bytes"] >= r["state_bytes"]["params"] + per_chip_cache
+    assert r["roofline"]["tokens_per_chip"] == 2
