@@ -216,7 +216,7 @@ def run_case(case: Case, steps: int, warmup: int) -> dict:
         "--warmup",
         str(warmup),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode:
         raise RuntimeError(f"{case} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="runs/bench/train_speed.jsonl")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # rows appear as they are measured
 
     if args.worker:
         fields = json.loads(args.worker)
