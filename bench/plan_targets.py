@@ -81,13 +81,13 @@ TARGETS: dict[str, tuple[str, list[str]]] = {
 }
 
 
-def command(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "deepseek_jax.cli", "plan", *args, "--json"]
+def command(args: list[str], hlo_out: str) -> list[str]:
+    return [sys.executable, "-m", "deepseek_jax.cli", "plan", *args, "--json", "--hlo-out", hlo_out]
 
 
 def run(name: str, out_dir: str, timeout: int) -> None:
     _, args = TARGETS[name]
-    cmd = command(args)
+    cmd = command(args, os.path.join(out_dir, f"{name}.hlo"))
     shown = "deepseek-jax plan " + " ".join(shlex.quote(a) for a in args)
     print(f"[{name}] {shown}", flush=True)
     start = time.time()

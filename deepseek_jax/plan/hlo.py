@@ -271,8 +271,9 @@ class CollectiveStats:
     traffic_bytes: float = 0.0  # bytes over the links per device (see module docstring)
 
 
-# Collectives the routed-expert dispatch issues: inside a shard_map within the MoE module.
-DISPATCH_SCOPE = re.compile(r'op_name="[^"]*\bmoe\b[^"]*/shard_map/')
+# Collectives the routed-expert dispatch issues: inside a shard_map (the only other shard_map in
+# the model wraps splash attention, under the "attention" scope).
+DISPATCH_SCOPE = re.compile(r'op_name="(?![^"]*attention)[^"]*/shard_map/')
 
 
 @dataclasses.dataclass
