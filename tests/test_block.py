@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,3 +67,47 @@ def test_remat_policy_is_in_the_compiled_program():
         return hlo.count("dot_general")
 
     assert count_dots(base.replace(remat="full")) > count_dots(base)
+
+
+def _saved(remat: str) -> list[str]:
+    """What the backward pass keeps, one line per residual (jax.ad_checkpoint's own report), for
+    a dense and an MoE layer run unrolled (scan stacks residuals under anonymous names)."""
+    cfg = replace(TINY, num_layers=2, **{"mtp.depth": 0})
+    rt = Runtime.of(compute_dtype="float32", remat=remat, scan_layers=False)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0), runtime=rt)))
+    tokens = jnp.zeros((2, 16), jnp.int32)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jax.ad_checkpoint.print_saved_residuals(
+            lambda s: nnx.merge(graphdef, s).forward(tokens).hidden.sum(), state
+        )
+    return out.getvalue().splitlines()
+
+
+def _names(lines: list[str]) -> set[str]:
+    return set(re.findall(r"named '(\w+)'", "\n".join(lines)))
+
+
+def test_remat_policies_keep_what_they_name():
+    """full keeps no activation the layer makes; save_dots keeps the projections' outputs and
+    every tag the backward needs; save_dots_except_experts the same minus the tokens copied out
+    to the experts; none keeps all of that and the rest (softmax, activations, ...)."""
+    saved = {r: _saved(r) for r in ("none", "full", "save_dots", "save_dots_except_experts")}
+    assert not _names(saved["full"])
+    assert not any("dot_general" in line for line in saved["full"])
+    tags = {"mla_latent", "attention_out", "mlp_hidden", "moe_dispatch"}
+    # moe_out feeds only a residual add, whose backward needs no input: nobody keeps it.
+    assert _names(saved["save_dots"]) == tags
+    assert _names(saved["save_dots_except_experts"]) == tags - {"moe_dispatch"}
+    assert _names(saved["none"]) == tags
+    assert any("dot_general" in line for line in saved["save_dots_except_experts"])
+    counts = [len(saved[r]) for r in ("full", "save_dots_except_experts", "save_dots", "none")]
+    assert counts == sorted(set(counts)), counts
+
+
+def test_offload_policy_needs_an_accelerator():
+    from deepseek_jax.model.remat import remat_policy
+
+    assert callable(remat_policy("offload", platform="tpu"))
+    with pytest.raises(ValueError, match="remat=offload needs a TPU or GPU"):
+        remat_policy("offload", platform="cpu")

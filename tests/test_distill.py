@@ -60,6 +60,7 @@ def test_read_traces_errors(tmp_path):
         read_traces(str(path))
 
 
+@pytest.mark.slow
 def test_distill_from_teacher_with_logits(tmp_path):
     teacher_cfg = post_config_from_dict(SMALL)
     trainer = Trainer.create(teacher_cfg.base, None)

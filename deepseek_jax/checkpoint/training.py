@@ -156,7 +156,8 @@ def _short(error: BaseException) -> str:
     """The gist of an Orbax/TensorStore error: its last line, bounded."""
     text = str(error).strip().splitlines()
     text = text[-1] if text else type(error).__name__
-    return text if len(text) <= 400 else text[:400] + "..."
+    # The OS reason (disk full, permission) ends TensorStore's messages: keep both ends.
+    return text if len(text) <= 400 else f"{text[:150]} ... {text[-250:]}"
 
 
 class Checkpointer:
@@ -371,15 +372,16 @@ class Checkpointer:
             pass
         self.manager = self._open()
         newest = self.latest_step()
+        newest = "none yet" if newest is None else f"step {newest}"
         self.log(
             f"checkpoint save of step {step} to {self.directory} failed: {why} "
             f"(failure {self.failures} of at most {self.max_failures} in a row; training goes on, "
-            f"the next save retries; newest checkpoint: step {newest})"
+            f"the next save retries; newest checkpoint: {newest})"
         )
         if self.failures >= self.max_failures:
             raise CheckpointError(
                 f"{self.failures} checkpoint saves in a row failed in {self.directory} (last: "
-                f"{why}); stopping. The newest checkpoint is step {newest}: free space or fix "
+                f"{why}); stopping. The newest checkpoint is {newest}: free space or fix "
                 "permissions, then run again to resume (train.max_save_failures sets the limit)"
             )
 

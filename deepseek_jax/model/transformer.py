@@ -18,11 +18,15 @@ from deepseek_jax.runtime import Runtime
 
 @struct.dataclass
 class ModelOutput:
-    logits: jax.Array  # [B, T, V] main next-token logits (fp32)
+    logits: jax.Array | None  # [B, T, V] main next-token logits (fp32); None: logits=False
     hidden: jax.Array  # [B, T, D] last hidden state before the final norm
     mtp_logits: jax.Array | None  # [depth, B, T, V]: depth k at i predicts token i+k+1
     expert_load: jax.Array | None  # [L_moe (+ MTP), E] tokens routed to each expert
     balance_loss: jax.Array | None  # [L_moe (+ MTP)] sequence-wise balance loss, before α
+    # What the shared head multiplies: final-normed hidden [B, T, D] and each MTP depth's
+    # head-normed hidden [depth, B, T, D] (a loss over the vocabulary in chunks starts here).
+    normed: jax.Array | None = None
+    mtp_normed: jax.Array | None = None
 
 
 def layer_runs(kinds: tuple[str, ...]) -> list[tuple[str, int, int]]:
@@ -106,35 +110,44 @@ class DeepSeek(nnx.Module):
         positions_bt: jax.Array | None = None,
         segment_ids_bt: jax.Array | None = None,
         with_mtp: bool = True,
+        logits: bool = True,
     ) -> ModelOutput:
+        """Everything the model computes. `logits=False` skips the [B, T, V] products (main and
+        MTP) and returns only the normed hidden states the head would multiply, for a loss that
+        goes over the vocabulary in chunks (`deepseek_jax.ops.cross_entropy`)."""
         x_btd = self.embed(tokens_bt)
         h_btd, aux = self.trunk(x_btd, positions_bt, segment_ids_bt)
-        logits = self.head(h_btd)
-        mtp_logits = None
+        normed_btd = self.final_norm(h_btd)
+        mtp_normed = None
         if with_mtp and self.mtp is not None:
-            mtp_logits, mtp_aux = self._mtp(tokens_bt, h_btd, positions_bt, segment_ids_bt)
+            mtp_normed, mtp_aux = self._mtp(tokens_bt, h_btd, positions_bt, segment_ids_bt)
             if mtp_aux:
                 aux = _concat([aux, mtp_aux]) if aux else mtp_aux
         return ModelOutput(
-            logits=logits,
+            logits=self.head(normed_btd, normed=True) if logits else None,
             hidden=h_btd,
-            mtp_logits=mtp_logits,
+            mtp_logits=None
+            if mtp_normed is None or not logits
+            else jnp.stack([self.head(n_btd, normed=True) for n_btd in mtp_normed]),
             expert_load=aux.get("load"),
             balance_loss=aux.get("balance_loss"),
+            normed=normed_btd,
+            mtp_normed=mtp_normed,
         )
 
     def _mtp(self, tokens_bt, h_btd, positions_bt, segment_ids_bt):
+        """Each depth's head-normed hidden [depth, B, T, D] and the MTP blocks' MoE aux."""
         cos, sin = self._rope(h_btd, positions_bt)
         graphdef, state = nnx.split(self.mtp)
-        logits, auxes = [], []
+        normed, auxes = [], []
         for k in range(1, self.cfg.mtp.depth + 1):
             module = nnx.merge(graphdef, jax.tree.map(lambda a, k=k: a[k - 1], state))
             emb_btd = self.embed(shift_tokens(tokens_bt, k))
             h_btd, normed_btd, aux = module(h_btd, emb_btd, cos, sin, segment_ids_bt)
-            logits.append(self.head(normed_btd, normed=True))
+            normed.append(normed_btd)
             if aux:
                 auxes.append(jax.tree.map(lambda a: a[None], aux))
-        return jnp.stack(logits), _concat(auxes)
+        return jnp.stack(normed), _concat(auxes)
 
     def _rope(self, x_btd, positions_bt):
         b, t = x_btd.shape[:2]

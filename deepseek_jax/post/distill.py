@@ -54,13 +54,13 @@ def read_traces(path: str) -> list[dict]:
 
 
 def teacher_traces(
-    post: PostConfig, tokenizer: Tokenizer, log: Callable[[str], None]
+    post: PostConfig, tokenizer: Tokenizer, log: Callable[[str], None], mesh_sharding=None
 ) -> tuple[list[dict], dict]:
     """Sample traces from the teacher on train-split problems; keep the accepted ones."""
     from deepseek_jax.checkpoint import load
 
     d, g = post.distill, post.grpo
-    teacher = load(d.teacher)
+    teacher = load(d.teacher, mesh_sharding=mesh_sharding)
     task = AdditionTask(g.task_digits, g.task_held_out_fraction)
     problems = task.sample("train", d.prompts, np.random.default_rng(d.seed))
     rows = [p for p in problems for _ in range(d.samples_per_prompt)]
@@ -72,6 +72,7 @@ def teacher_traces(
         key=jax.random.key(d.seed),
         temperature=d.temperature,
         eos_id=tokenizer.eos_id,
+        mesh_sharding=mesh_sharding,
     )
     traces, correct = [], 0
     for p, c in zip(rows, roll.completions, strict=True):
@@ -102,17 +103,18 @@ def run_distill(post: PostConfig, log: Callable[[str], None] = print) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     cfg = replace(post.base, **{"train.steps": d.steps, "train.batch_size": d.batch_size})
     tokenizer = make_tokenizer(cfg.data, cfg.model)
+    mesh = sharding.make_mesh(cfg.mesh)
+    mesh_sharding = sharding.Sharding(mesh, sharding.rules_for(cfg.mesh.rules))
     if d.traces:
         traces, stats = read_traces(d.traces), {"traces_kept": 0}
         stats["traces_kept"] = len(traces)
     else:
-        traces, stats = teacher_traces(post, tokenizer, log)
+        traces, stats = teacher_traces(post, tokenizer, log, mesh_sharding)
     with open(os.path.join(run_dir, "traces.jsonl"), "w") as f:
         for row in traces:
             f.write(json.dumps(row) + "\n")
 
-    mesh = sharding.make_mesh(cfg.mesh)
-    trainer = Trainer.create(cfg, sharding.Sharding(mesh, sharding.rules_for(cfg.mesh.rules)))
+    trainer = Trainer.create(cfg, mesh_sharding)
     init_from = cfg.train.init_from
     if not init_from and g.pretrain_steps:
         init_from = pretrain(post, log)
@@ -144,7 +146,7 @@ def run_distill(post: PostConfig, log: Callable[[str], None] = print) -> dict:
     batches = sft_batches(prompts, completions, d.batch_size, d.seq_len, tokenizer.pad_id, d.seed)
     if d.logit_weight > 0:
         step_fn = make_distill_step(trainer, d.logit_weight, d.logit_temperature, d.logit_top_k)
-        teacher_logits = _teacher_logits_fn(d.teacher, cfg.model.vocab_size)
+        teacher_logits = _teacher_logits_fn(d.teacher, cfg.model.vocab_size, mesh_sharding)
     else:
         step_fn = trainer.jitted_step()
     start = time.perf_counter()
@@ -180,19 +182,23 @@ def run_distill(post: PostConfig, log: Callable[[str], None] = print) -> dict:
     return summary
 
 
-def _teacher_logits_fn(path: str, vocab_size: int):
+def _teacher_logits_fn(path: str, vocab_size: int, mesh_sharding):
     from flax import nnx
 
     from deepseek_jax.checkpoint import load
 
     if not path:
         raise ConfigError("distill.logit_weight > 0 needs distill.teacher (its logits)")
-    teacher = load(path)
+    teacher = load(path, mesh_sharding=mesh_sharding)
     if teacher.cfg.vocab_size != vocab_size:
         raise ConfigError(
             f"distill.logit_weight > 0: the teacher's vocabulary ({teacher.cfg.vocab_size}) "
             f"differs from the student's ({vocab_size}); use plain SFT (logit_weight: 0)"
         )
     graphdef, state = nnx.split(teacher)
-    fn = jax.jit(lambda s, t: nnx.merge(graphdef, s).forward(t, with_mtp=False).logits)
-    return lambda tokens: fn(state, tokens)
+
+    def logits(state, tokens_bt):
+        return nnx.merge(graphdef, state).forward(tokens_bt, with_mtp=False).logits
+
+    fn = jax.jit(logits)
+    return lambda tokens_bt: fn(state, tokens_bt)

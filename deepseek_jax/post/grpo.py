@@ -142,16 +142,16 @@ class GRPOTrainer:
         return total, (metrics, logp_bt, load)
 
     def _update(self, state: TrainState, batch: dict, first: bool):
-        with sharding.use(self.mesh_sharding):
-            grad_fn = jax.value_and_grad(self._objective, has_aux=True)
-            (total, (metrics, logp_bt, load)), grads = grad_fn(
-                state.params, state.router_bias, batch, first
-            )
-            updates, opt_state = self.base.tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            router_bias = state.router_bias
-            if self.g.router_bias == "update":
-                router_bias = update_router_bias(router_bias, load, self.cfg.train.bias_gamma)
+        # The graphdef carries the model's Runtime (mesh included): nothing to enter here.
+        grad_fn = jax.value_and_grad(self._objective, has_aux=True)
+        (total, (metrics, logp_bt, load)), grads = grad_fn(
+            state.params, state.router_bias, batch, first
+        )
+        updates, opt_state = self.base.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        router_bias = state.router_bias
+        if self.g.router_bias == "update":
+            router_bias = update_router_bias(router_bias, load, self.cfg.train.bias_gamma)
         loadf = load.astype(jnp.float32)
         metrics.update(
             loss=total,
@@ -196,9 +196,8 @@ class GRPOTrainer:
         if self._ref_fn is None:
 
             def fn(params, bias, tokens, targets):
-                with sharding.use(self.mesh_sharding):
-                    model = nnx.merge(self.base.graphdef, params, bias)
-                    out = model.forward(tokens, with_mtp=False)
+                model = nnx.merge(self.base.graphdef, params, bias)
+                out = model.forward(tokens, with_mtp=False)
                 return completion_logps(out.logits, targets, self.g.temperature)[1]
 
             self._ref_fn = jax.jit(fn)

@@ -56,7 +56,7 @@ def _decode_with_logps(
     """`generate`'s decode loop, also returning each new token's log-prob [B, N] float32."""
     model = nnx.merge(graphdef, state)
     b, p = prompts_bt.shape
-    cache = shard_cache(init_cache(model.cfg, b, p + max_new_tokens, cache_dtype))
+    cache = shard_cache(init_cache(model.cfg, b, p + max_new_tokens, cache_dtype), model.rt)
     pick = functools.partial(sample, temperature=temperature, top_k=top_k, top_p=top_p)
 
     def is_eos(tokens_b):
@@ -82,7 +82,7 @@ def _decode_with_logps(
         logits_btv, cache = forward_with_cache(
             m, tokens_b[:, None], cache, running_b.astype(jnp.int32)
         )
-        cache = shard_cache(cache)
+        cache = shard_cache(cache, m.rt)
         new_b = pick(logits_btv[:, 0], jax.random.fold_in(key, i))
         new_b = jnp.where(running_b, new_b, tokens_b)
         logp_b = jnp.where(
@@ -152,7 +152,6 @@ def sample_completions(
             top_p=1.0,
             eos_id=None if eos_id is None else int(eos_id),
             cache_dtype=jnp.dtype(jnp.float32),
-            mesh_sharding=mesh_sharding,
         )
         out_bn, counts_b, logp_bn = jax.device_get((out_bn, counts_b, logp_bn))
         outs = [out_bn[b, : counts_b[b]].tolist() for b in range(len(prompts))]

@@ -20,7 +20,6 @@ import numpy as np
 import optax
 from flax import nnx
 
-from deepseek_jax import sharding
 from deepseek_jax.generate.sampling import filter_logits
 from deepseek_jax.post.rollout import pack
 from deepseek_jax.train.loss import loss_sums
@@ -75,25 +74,24 @@ def make_distill_step(
     tc, depth = trainer.cfg.train, trainer.cfg.model.mtp.depth
 
     def step(state: TrainState, batch: dict):
-        with sharding.use(trainer.mesh_sharding):
 
-            def objective(params):
-                model = nnx.merge(trainer.graphdef, params, state.router_bias)
-                out = model.forward(batch["tokens"], with_mtp=depth > 0)
-                sums = loss_sums(out, batch, depth)
-                n = jnp.maximum(sums["tokens"], 1.0)
-                kl = distill_kl(
-                    out.logits, batch["teacher_logits"], batch["loss_mask"], temperature, top_k
-                )
-                obj = (sums["lm"] + tc.mtp_lambda / max(depth, 1) * sums["mtp"].sum()) / n
-                obj = obj + weight * kl
-                load = out.expert_load if out.expert_load is not None else jnp.zeros((0, 0))
-                return obj, (sums["lm"] / n, kl, load)
+        def objective(params):
+            model = nnx.merge(trainer.graphdef, params, state.router_bias)
+            out = model.forward(batch["tokens"], with_mtp=depth > 0)
+            sums = loss_sums(out, batch, depth)
+            n = jnp.maximum(sums["tokens"], 1.0)
+            kl = distill_kl(
+                out.logits, batch["teacher_logits"], batch["loss_mask"], temperature, top_k
+            )
+            obj = (sums["lm"] + tc.mtp_lambda / max(depth, 1) * sums["mtp"].sum()) / n
+            obj = obj + weight * kl
+            load = out.expert_load if out.expert_load is not None else jnp.zeros((0, 0))
+            return obj, (sums["lm"] / n, kl, load)
 
-            (obj, (lm, kl, load)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-            updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            bias = update_router_bias(state.router_bias, load, tc.bias_gamma)
+        (obj, (lm, kl, load)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+        updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        bias = update_router_bias(state.router_bias, load, tc.bias_gamma)
         new = TrainState(step=state.step + 1, params=params, router_bias=bias, opt_state=opt_state)
         return new, {"loss": obj, "lm_loss": lm, "distill_kl": kl}
 

@@ -1,5 +1,9 @@
 """Loss terms: next-token CE, MTP CE per depth, z-loss (SPEC §4, §7).
 
+The cross-entropy itself comes from `deepseek_jax.ops.cross_entropy`: from the model's logits
+when it returned them, or from its normed hidden states and the head weight, chunk by chunk
+(`runtime.cross_entropy=chunked`), when it ran with `forward(..., logits=False)`.
+
 All terms come back as sums over tokens so that gradient accumulation over micro-batches can
 divide by the token count of the whole batch and reproduce the full-batch step exactly.
 """
@@ -9,13 +13,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.ops.cross_entropy import head_ce, token_ce
 
-def token_ce(logits_btv: jax.Array, targets_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token cross-entropy and logsumexp, in fp32."""
-    logits_btv = logits_btv.astype(jnp.float32)
-    lse_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-    target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
-    return lse_bt - target_logit_bt, lse_bt
+__all__ = ["loss_sums", "mtp_targets", "shift_left", "token_ce"]
 
 
 def shift_left(x_bt: jax.Array, k: int, fill) -> jax.Array:
@@ -39,10 +39,25 @@ def mtp_targets(
     return tgt, mask
 
 
-def loss_sums(out, batch: dict, mtp_depth: int) -> dict[str, jax.Array]:
-    """Masked sums: lm, mtp [depth], z (logsumexp²), and the token count."""
+def loss_sums(out, batch: dict, mtp_depth: int, model=None) -> dict[str, jax.Array]:
+    """Masked sums: lm, mtp [depth], z (logsumexp²), and the token count.
+
+    `out` is a ModelOutput; without logits (`forward(..., logits=False)`) the head runs here
+    from `out.normed` / `out.mtp_normed` with `model`'s head weight and runtime.
+    """
+    if out.logits is None:
+        if model is None:
+            raise ValueError("loss_sums needs the model when the output carries no logits")
+
+        def ce_of(normed_btd, targets_bt):
+            return head_ce(normed_btd, model.lm_head_DV[...], targets_bt, model.rt)
+
+        main, per_depth = out.normed, out.mtp_normed
+    else:
+        ce_of = token_ce
+        main, per_depth = out.logits, out.mtp_logits
     mask = batch["loss_mask"].astype(jnp.float32)
-    ce, lse = token_ce(out.logits, batch["targets"])
+    ce, lse = ce_of(main, batch["targets"])
     sums = {
         "lm": jnp.sum(ce * mask),
         "z": jnp.sum(jnp.square(lse) * mask),
@@ -51,7 +66,7 @@ def loss_sums(out, batch: dict, mtp_depth: int) -> dict[str, jax.Array]:
     mtp = []
     for k in range(1, mtp_depth + 1):
         tgt, m = mtp_targets(batch["targets"], mask, batch.get("segment_ids"), k)
-        ce_k, _ = token_ce(out.mtp_logits[k - 1], tgt)
+        ce_k, _ = ce_of(per_depth[k - 1], tgt)
         mtp.append(jnp.sum(ce_k * m))
     sums["mtp"] = jnp.stack(mtp) if mtp else jnp.zeros((0,), jnp.float32)
     return sums

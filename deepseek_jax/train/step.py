@@ -169,8 +169,9 @@ class Trainer:
                 positions_bt=mb.get("positions"),
                 segment_ids_bt=mb.get("segment_ids"),
                 with_mtp=depth > 0,
+                logits=self.cfg.runtime.cross_entropy == "full",
             )
-            sums = loss_sums(out, mb, depth)
+            sums = loss_sums(out, mb, depth, model)
             balance = out.balance_loss if out.balance_loss is not None else jnp.zeros((0,))
             # Balance loss is a mean over the micro-batch's sequences: weight it by its share.
             share = mb["tokens"].shape[0] / seqs
@@ -260,8 +261,9 @@ class Trainer:
             positions_bt=batch.get("positions"),
             segment_ids_bt=batch.get("segment_ids"),
             with_mtp=False,
+            logits=self.cfg.runtime.cross_entropy == "full",
         )
-        sums = loss_sums(out, batch, 0)
+        sums = loss_sums(out, batch, 0, model)
         return {"lm": sums["lm"], "tokens": sums["tokens"]}
 
     def jitted_eval_step(self) -> Callable[[TrainState, Batch], dict]:

@@ -16,7 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 # The tiny recipe cut down: 2 layers, 4 sequences of 32 tokens, fp32, Markov data, quiet.
 TINY = [
     "model.num_layers=2",
-    "model.compute_dtype=float32",
+    "runtime.compute_dtype=float32",
     "train.seq_len=32",
     "train.batch_size=4",
     "data.kind=synthetic",
