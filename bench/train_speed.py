@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     parser.add_argument("--only", choices=("compare", "experts", "compile"), action="append")
     parser.add_argument("--shapes", default="issue,tiny", help="comma list of: issue, tiny")
+    parser.add_argument("--expert-dtypes", default="float32,bfloat16")
     parser.add_argument("--results", default="runs/bench/train_speed.jsonl")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -274,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         for shape in args.shapes.split(","):
             cases = [
+                Case(
+                    "jax",
+                    shape,
+                    "float32",
+                    ("RUNTIME.grouped_matmul=ragged_dot",),
+                    "deepseek-jax fp32, ragged_dot (before)",
+                ),
                 Case("jax", shape, "float32", label="deepseek-jax fp32 compute"),
                 Case("jax", shape, "bfloat16", label="deepseek-jax bf16 compute"),
                 Case("torch", shape, "float32", label="transformers eager fp32 (AdamW)"),
@@ -311,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     if "experts" in sections:
         print("\n## routed experts at top-4, expert width 128 (issue shapes, ours)")
         print(f"{'experts':>7} {'dtype':<9} {'step s':>8} {'tokens/s':>9} {'vs 8':>6}")
-        for dtype in ("float32", "bfloat16"):
+        for dtype in args.expert_dtypes.split(","):
             counts = (8, 16, 64)
             cases = [
                 Case("jax", "issue", dtype, (f"model.moe.n_routed_experts={e}",), f"{e} experts")

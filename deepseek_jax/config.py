@@ -254,7 +254,7 @@ class RuntimeConfig:
     cross_entropy_chunk_size: int = 4096
     # Routed experts' grouped matmul and dispatch (deepseek_jax.model.dispatch); auto picks by
     # backend and mesh.
-    grouped_matmul: Literal["auto", "ragged_dot", "megablox"] = "auto"
+    grouped_matmul: Literal["auto", "ragged_dot", "megablox", "blocked"] = "auto"
     moe_dispatch: Literal["auto", "all_gather", "all_to_all"] = "auto"
     # First all-to-all exchange buffer per peer, as a multiple of the mean load (overflow goes
     # in further rounds: never dropped).

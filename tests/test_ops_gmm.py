@@ -92,7 +92,9 @@ def test_megablox_tiling_divides_or_spans_each_dimension():
 
 
 def test_auto_resolves_by_backend_and_unknown_names_fail():
-    assert gm.resolve("auto") == ("megablox" if jax.default_backend() == "tpu" else "ragged_dot")
+    want = {"tpu": "megablox", "cpu": "blocked"}.get(jax.default_backend(), "ragged_dot")
+    assert gm.resolve("auto") == want
+    assert gm.resolve("auto", "cpu") == "blocked" and gm.resolve("auto", "gpu") == "ragged_dot"
     with pytest.raises(ValueError, match=r"runtime.grouped_matmul='cutlass' .*'ragged_dot'"):
         gm.grouped_matmul(jnp.ones((4, 2)), jnp.ones((1, 2, 3)), jnp.array([4]), impl="cutlass")
 

@@ -101,7 +101,8 @@ def resolve(impl: str, platform: str | None = None) -> str:
     """The implementation `impl` stands for on `platform` (default: the default backend)."""
     platform = platform or jax.default_backend()
     if impl == "auto":
-        return "megablox" if platform == "tpu" else "ragged_dot"
+        # XLA:CPU lowers ragged_dot densely (every row times every expert's matrix).
+        return {"tpu": "megablox", "cpu": "blocked"}.get(platform, "ragged_dot")
     if impl not in IMPLS:
         raise ValueError(
             f"runtime.grouped_matmul={impl!r} is not a grouped matmul; choose from "
