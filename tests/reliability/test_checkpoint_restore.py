@@ -165,7 +165,8 @@ def test_a_failed_background_write_is_reported_at_once_and_retried(tmp_path):
     assert [lines[i].split()[4] for i in failed] == ["2", "4", "6"], result.stdout
     for i in failed:
         assert f"to {run}/checkpoints failed: " in lines[i]
-        assert "File too large" in lines[i], lines[i]
+        # EFBIG: the OS's text, or TensorStore's code for it when the message ends in a spec.
+        assert "File too large" in lines[i] or "OUT_OF_RANGE" in lines[i], lines[i]
         # Checked at every step boundary once the background write has failed, and at the
         # latest before the next save starts; the step lines in between show training going on.
         step = int(lines[i].split()[4])
