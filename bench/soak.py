@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Small shapes: the tiny recipe with 2 layers, 4 sequences of 32 tokens, fp32 on one CPU device.
 MODEL = [
     "model.num_layers=2",
-    "model.compute_dtype=float32",
+    "runtime.compute_dtype=float32",
     "train.seq_len=32",
     "train.batch_size=4",
     "data.kind=synthetic",

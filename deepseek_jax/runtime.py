@@ -45,6 +45,14 @@ class Runtime:
     def param_dtype(self) -> jnp.dtype:
         return jnp.dtype(DTYPES[self.cfg.param_dtype])
 
+    @property
+    def platform(self) -> str:
+        """The platform the model compiles for: its mesh's devices' (an AOT TPU compile from a
+        CPU host says "tpu"), else the default backend's."""
+        if self.sharding is not None:
+            return self.sharding.mesh.devices.flat[0].platform
+        return jax.default_backend()
+
     def constrain(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
         """Constrain `x` by logical axis names on this runtime's mesh (identity without one)."""
         return constrain(x, axes, self.sharding)

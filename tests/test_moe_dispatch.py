@@ -204,3 +204,61 @@ def test_auto_dispatch_and_errors():
     assert dispatch.choose_dispatch("all_gather", 64, 8) == "all_gather"
     with pytest.raises(ValueError, match=r"runtime.moe_dispatch='ragged' .*'all_to_all'"):
         dispatch.choose_dispatch("ragged", 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole train step with moe_dispatch=all_to_all == one device
+
+
+def test_train_step_all_to_all_equals_one_device():
+    """tiny (16 experts, top-4, fp32 compute), batch 8 x 16: one step on one device and on an
+    expert=8 mesh with runtime.moe_dispatch=all_to_all and buffer factor 0.25 (B = 8 rows per
+    peer, against up to 16 a device can send one peer: overflow rounds). tests/test_train.py
+    runs the EP-4 meshes, where moe_dispatch=auto is all_to_all too. Tolerances as there: loss
+    rtol 1e-6, updated params and Adam's first moment (0.1·grad) max |diff| <= 1e-6 and 1e-7;
+    expert loads equal."""
+    from flax import nnx
+
+    from deepseek_jax import sharding
+    from deepseek_jax.config import load_config
+    from deepseek_jax.model import DeepSeek
+    from deepseek_jax.model.moe import RouterBias
+    from deepseek_jax.train.step import Trainer
+    from deepseek_jax.train.synthetic import MarkovTokens
+
+    base = [
+        "runtime.compute_dtype=float32",
+        "train.batch_size=8",
+        "train.seq_len=16",
+        "train.eps=1e-4",
+    ]
+    batch = MarkovTokens(512, 16, seed=0).rows(0, 0, 8)
+    single = Trainer.create(load_config("tiny", base), None)
+    # Eager init (many tiny ops) instead of compiling Trainer.init: compiles are the cost here.
+    model = DeepSeek(single.cfg.model, nnx.Rngs(0), runtime=single.runtime)
+    _, params, bias = nnx.split(model, nnx.Param, RouterBias)
+    params, bias = nnx.to_pure_dict(params), nnx.to_pure_dict(bias)
+    state = single.state_from_params(params, bias)
+    want_state, want = jax.device_get(jax.jit(single.step)(state, batch))
+
+    for sizes, factor in ((dict(expert=8, fsdp=1), 0.25),):  # more meshes: more compiles
+        over = [f"mesh.{k}={v}" for k, v in sizes.items()]
+        over += ["runtime.moe_dispatch=all_to_all", f"runtime.moe_a2a_buffer_factor={factor}"]
+        cfg = load_config("tiny", [*base, *over])
+        mesh = sharding.make_mesh(cfg.mesh, CPUS[:8])
+        trainer = Trainer.create(cfg, sharding.Sharding(mesh, sharding.rules_for("ep")))
+        st = trainer.state_from_params(params, bias)
+        step = jax.jit(trainer.step)
+        hlo = step.lower(st, jax.device_put(batch, trainer.batch_sharding)).as_text()
+        assert "all_to_all" in hlo or "all-to-all" in hlo  # the a2a dispatch is what ran
+        got_state, got = jax.device_get(step(st, jax.device_put(batch, trainer.batch_sharding)))
+        np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+        np.testing.assert_array_equal(got["expert_load"], want["expert_load"])
+        for a, b in zip(
+            jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params), strict=True
+        ):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+        for a, b in zip(
+            jax.tree.leaves(got_state.opt_state), jax.tree.leaves(want_state.opt_state), strict=True
+        ):
+            np.testing.assert_allclose(a, b, atol=1e-7, rtol=0)

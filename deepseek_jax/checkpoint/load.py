@@ -1,9 +1,10 @@
 """`deepseek_jax.load`: a model from any checkpoint, built leaf by leaf onto its devices.
 
-Every parameter is created with `jax.make_array_from_callback`: each process reads only the
-slices its own devices hold (for HF checkpoints through `hf.LeafSlices`, for our Orbax
-directories through Orbax's sharded restore), so no host ever holds the whole model and the
-memory a load needs beyond the loaded weights stays near the size of one slice.
+Every parameter is created as `jax.make_array_from_callback` would (see `build_array`): each
+process reads only the slices its own devices hold (for HF checkpoints through
+`hf.LeafSlices`, for our Orbax directories through Orbax's sharded restore), so no host ever
+holds the whole model and the memory a load needs beyond the loaded weights stays near the size
+of one slice.
 """
 
 from __future__ import annotations
@@ -98,12 +99,34 @@ def _from_hf(source: HFSource, cfg: ModelConfig, wanted: dict) -> dict:
 
         def build(path, target):
             leaf = ".".join(str(k.key) for k in path)
-            return jax.make_array_from_callback(
-                target.shape,
-                target.sharding,
-                lambda index: slices.read(leaf, target.shape, target.dtype, index),
+            return build_array(
+                target, lambda index: slices.read(leaf, target.shape, target.dtype, index)
             )
 
         return {
             group: jax.tree_util.tree_map_with_path(build, tree) for group, tree in wanted.items()
         }
+
+
+def build_array(target: jax.ShapeDtypeStruct, read) -> jax.Array:
+    """`jax.make_array_from_callback(target.shape, target.sharding, read)`, one slice at a time.
+
+    `read(index)` returns the host array for one device's index. Each distinct slice is read
+    once, copied to the devices holding it and waited for before the next is read, so at most
+    one slice is on the host at a time (`make_array_from_callback` would read them all before
+    transferring any, holding a whole leaf and, with asynchronous transfers, several)."""
+    indices = target.sharding.addressable_devices_indices_map(target.shape)
+    groups: dict[tuple, tuple] = {}
+    for device, index in indices.items():
+        key = tuple(s.indices(n) for s, n in zip(index, target.shape, strict=True))
+        groups.setdefault(key, (index, []))[1].append(device)
+    shards = {}
+    for index, devices in groups.values():
+        host = read(index)
+        placed = [jax.device_put(host, d) for d in devices]
+        jax.block_until_ready(placed)
+        shards.update(zip(devices, placed, strict=True))
+        del host
+    return jax.make_array_from_single_device_arrays(
+        target.shape, target.sharding, [shards[d] for d in indices]
+    )

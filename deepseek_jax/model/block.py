@@ -85,7 +85,9 @@ def run_stack(
 
     scan = rt.cfg.scan_layers
     if rt.cfg.remat != "none":
-        layer = jax.checkpoint(layer, policy=remat_policy(rt.cfg.remat), prevent_cse=not scan)
+        layer = jax.checkpoint(
+            layer, policy=remat_policy(rt.cfg.remat, rt.platform), prevent_cse=not scan
+        )
 
     if scan:
         return jax.lax.scan(layer, x_btd, state)

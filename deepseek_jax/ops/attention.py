@@ -58,14 +58,20 @@ def attention(
     if kind == "xla":
         return _xla(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale)
     if kind in ("dpa_xla", "dpa_cudnn"):
-        return _dpa(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, kind.removeprefix("dpa_"))
+        impl = kind.removeprefix("dpa_")
+        if impl == "cudnn" and rt.platform != "gpu":
+            raise ValueError(
+                "runtime.attention=dpa_cudnn needs a CUDA GPU (cuDNN flash attention); use "
+                "runtime.attention=dpa_xla, chunked or splash (TPU) here"
+            )
+        return _dpa(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, impl)
     if kind == "chunked":
         return chunked_attention(
             q_bthk, k_bshk, v_bshk, segment_ids_bt, scale=scale, chunk=rt.cfg.attention_chunk_size
         )
     if kind == "splash":
         if interpret is None:
-            interpret = jax.default_backend() != "tpu"
+            interpret = rt.platform != "tpu"
         return _splash(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, rt, interpret)
     raise ValueError(f"runtime.attention={kind!r} is not a known kernel")
 
@@ -84,11 +90,6 @@ def _xla(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale):
 
 
 def _dpa(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, implementation):
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError(
-            "runtime.attention=dpa_cudnn needs a CUDA GPU (cuDNN flash attention); use "
-            "runtime.attention=dpa_xla, chunked or splash (TPU) here"
-        )
     d_qk, d_v = q_bthk.shape[-1], v_bshk.shape[-1]
     if d_v > d_qk:
         raise ValueError(f"value head dim {d_v} exceeds the query/key head dim {d_qk}")

@@ -14,7 +14,6 @@ import collections
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.config import TrainConfig
@@ -73,12 +72,3 @@ class Guard:
                         f"(grad norm {grad_norm:.3f})"
                     )
             self._recent.append(loss)
-
-
-@jax.jit
-def all_finite(tree) -> jax.Array:
-    """Whether every floating-point value in `tree` is finite (one scalar)."""
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    if not leaves:
-        return jnp.asarray(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))

@@ -22,12 +22,13 @@ import tqdm
 
 from deepseek_jax import sharding
 from deepseek_jax.checkpoint import Checkpointer, abstract_like
+from deepseek_jax.checkpoint.training import state_is_finite
 from deepseek_jax.config import Config, ConfigError, to_dict
 from deepseek_jax.data import make_iterator, make_source
 from deepseek_jax.errors import DataError, Diverged, Interrupted, Preempted
 from deepseek_jax.train import distributed, preflight, rundir
 from deepseek_jax.train.flops import measure_peak_flops, train_flops_per_token
-from deepseek_jax.train.guard import Guard, all_finite
+from deepseek_jax.train.guard import Guard
 from deepseek_jax.train.optim import learning_rate
 from deepseek_jax.train.signals import NAMES, StopSignals
 from deepseek_jax.train.step import Trainer, TrainState
@@ -328,7 +329,8 @@ def _train(cfg: Config, log: Callable[[str], None] | None, signals: StopSignals)
 
 def _save(ckpt: Checkpointer, step: int, state, cfg: Config, train_iter) -> None:
     """Save `state` (asynchronously), never one holding a non-finite value."""
-    if not bool(all_finite((state.params, state.router_bias, state.opt_state))):
+    # The Checkpointer would refuse the save too; a non-finite state also ends the run.
+    if not state_is_finite(state):
         raise Diverged(
             f"training diverged: the state at step {step} holds non-finite values although "
             "every applied step had a finite loss and gradient norm (an update overflowed)",
