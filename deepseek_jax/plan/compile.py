@@ -9,7 +9,6 @@ program needs more HBM than the chip has.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import re
@@ -220,27 +219,12 @@ def lower_decode_step(cfg: Config, devices: list, batch: int, context: int) -> T
         raise PlanError(
             f"--batch {batch} is not divisible by the {split} devices the batch is split over"
         )
-    if hasattr(cfg, "runtime"):  # the model is handed an explicit Runtime (dtypes, mesh)
-        from deepseek_jax.runtime import Runtime
+    from deepseek_jax.runtime import Runtime
 
-        dtype = cfg.runtime.compute_dtype
-        rt = Runtime(dataclasses.replace(cfg.runtime, param_dtype=dtype), mesh_sharding)
-        abstract = nnx.eval_shape(lambda: DeepSeek(cfg.model, nnx.Rngs(0), runtime=rt))
-        scope = contextlib.nullcontext
-
-        def constrain_cache(c):
-            return shard_cache(c, rt)
-    else:  # the mesh comes from the sharding.use() context
-        from deepseek_jax.config import replace
-
-        dtype = cfg.model.compute_dtype
-        model_cfg = replace(cfg.model, param_dtype=dtype)
-        abstract = nnx.eval_shape(lambda: DeepSeek(model_cfg, nnx.Rngs(0)))
-
-        def scope():
-            return sharding.use(mesh_sharding)
-
-        constrain_cache = shard_cache
+    # Serving keeps the weights in the compute dtype; the model gets its mesh explicitly.
+    dtype = cfg.runtime.compute_dtype
+    rt = Runtime(dataclasses.replace(cfg.runtime, param_dtype=dtype), mesh_sharding)
+    abstract = nnx.eval_shape(lambda: DeepSeek(cfg.model, nnx.Rngs(0), runtime=rt))
     graphdef, state = nnx.split(abstract)
     state = _abstract(state, sharding.state_shardings(state, mesh_sharding))
     m, n_layers = cfg.model.mla, cfg.model.num_layers
@@ -262,11 +246,10 @@ def lower_decode_step(cfg: Config, devices: list, batch: int, context: int) -> T
     )
 
     def step(state, tokens_b1, cache):
-        with scope():
-            model = nnx.merge(graphdef, state)
-            logits_btv, cache = forward_with_cache(model, tokens_b1, cache)
-            next_b = jnp.argmax(logits_btv[:, -1], axis=-1).astype(jnp.int32)
-            return next_b, constrain_cache(cache)
+        model = nnx.merge(graphdef, state)
+        logits_btv, cache = forward_with_cache(model, tokens_b1, cache)
+        next_b = jnp.argmax(logits_btv[:, -1], axis=-1).astype(jnp.int32)
+        return next_b, shard_cache(cache, rt)
 
     lowered = jax.jit(step, donate_argnums=2).lower(state, tokens, cache)
     state_bytes = {
