@@ -20,18 +20,18 @@ from flax import nnx
 from deepseek_jax import sharding
 from deepseek_jax.generate.cache import LatentCache, init_cache
 from deepseek_jax.generate.decode import forward_with_cache
-from deepseek_jax.generate.sampling import sample
+from deepseek_jax.generate.sampling import sample, token_logps
 from deepseek_jax.runtime import Runtime, with_runtime
 
 # Keyword settings of the decode functions: static under jit (one compilation per value).
 SETTINGS = ("max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "cache_dtype")
 
 
-def decode_jit(fn):
+def decode_jit(fn, extra_settings: tuple[str, ...] = ()):
     """`jax.jit` of `fn(graphdef, state, *arrays, **settings)` with graphdef and the settings
-    static. The graphdef carries the model's `Runtime`, mesh included, so one compilation serves
-    one (model, mesh) pair."""
-    return jax.jit(fn, static_argnums=0, static_argnames=SETTINGS)
+    (SETTINGS plus `extra_settings`) static. The graphdef carries the model's `Runtime`, mesh
+    included, so one compilation serves one (model, mesh) pair."""
+    return jax.jit(fn, static_argnums=0, static_argnames=(*SETTINGS, *extra_settings))
 
 
 def shard_cache(cache: LatentCache, rt: Runtime) -> LatentCache:
@@ -56,8 +56,14 @@ def _decode(
     top_p: float,
     eos_id: int | None,
     cache_dtype,
-) -> tuple[jax.Array, jax.Array]:
-    """(new tokens [B, max_new_tokens] int32, number produced per row [B] int32)."""
+    with_logps: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(new tokens [B, max_new_tokens] int32, number produced per row [B] int32, log-probs).
+
+    With `with_logps` the third output holds each new token's log-probability [B,
+    max_new_tokens] under the distribution it was drawn from (`token_logps`: what GRPO's
+    rollouts log beside the trainer's recomputation); otherwise it is empty [B, 0].
+    """
     model = nnx.merge(graphdef, state)
     b, p = prompts_bt.shape
     cache = shard_cache(init_cache(model.cfg, b, p + max_new_tokens, cache_dtype), model.rt)
@@ -70,23 +76,28 @@ def _decode(
 
     logits_btv, cache = forward_with_cache(model, prompts_bt, cache, prompt_lengths_b)
     last_b = jnp.clip(prompt_lengths_b - 1, 0, p - 1)
-    first_b = pick(logits_btv[jnp.arange(b), last_b], jax.random.fold_in(key, 0))
+    first_logits_bv = logits_btv[jnp.arange(b), last_b]
+    first_b = pick(first_logits_bv, jax.random.fold_in(key, 0))
     out_bn = jnp.zeros((b, max_new_tokens), jnp.int32).at[:, 0].set(first_b)
+    logp_bn = jnp.zeros((b, max_new_tokens if with_logps else 0), jnp.float32)
+    if with_logps:
+        logp_bn = logp_bn.at[:, 0].set(token_logps(first_logits_bv, first_b, temperature))
     carry = (
         jnp.int32(1),  # tokens produced so far by rows still running (= next output column)
         cache,
         first_b,
         out_bn,
+        logp_bn,
         is_eos(first_b) | (prompt_lengths_b == 0),  # empty rows pad the batch for a mesh
         jnp.ones((b,), jnp.int32),
     )
 
     def cond(carry):
-        i, _, _, _, done_b, _ = carry
+        i, _, _, _, _, done_b, _ = carry
         return (i < max_new_tokens) & ~jnp.all(done_b)
 
     def body(carry):
-        i, cache, tokens_b, out_bn, done_b, counts_b = carry
+        i, cache, tokens_b, out_bn, logp_bn, done_b, counts_b = carry
         running_b = ~done_b
         m = nnx.merge(graphdef, state)
         logits_btv, cache = forward_with_cache(
@@ -97,15 +108,21 @@ def _decode(
         new_b = jnp.where(running_b, new_b, tokens_b)
         column_b = jnp.where(running_b, new_b, out_bn[:, i])
         out_bn = jax.lax.dynamic_update_slice_in_dim(out_bn, column_b[:, None], i, axis=1)
+        if with_logps:
+            logp_b = token_logps(logits_btv[:, 0], new_b, temperature)
+            logp_b = jnp.where(running_b, logp_b, logp_bn[:, i])
+            logp_bn = jax.lax.dynamic_update_slice_in_dim(logp_bn, logp_b[:, None], i, axis=1)
         counts_b = counts_b + running_b.astype(jnp.int32)
         done_b = done_b | (running_b & is_eos(new_b))
-        return i + 1, cache, new_b, out_bn, done_b, counts_b
+        return i + 1, cache, new_b, out_bn, logp_bn, done_b, counts_b
 
-    _, _, _, out_bn, _, counts_b = jax.lax.while_loop(cond, body, carry)
-    return out_bn, counts_b
+    _, _, _, out_bn, logp_bn, _, counts_b = jax.lax.while_loop(cond, body, carry)
+    return out_bn, counts_b, logp_bn
 
 
-_generate_jit = decode_jit(_decode)
+# The jitted decode loop behind `generate`, arrays in and out (GRPO rollouts call it with
+# with_logps=True).
+generate_tokens = decode_jit(_decode, extra_settings=("with_logps",))
 
 
 def generate(
@@ -138,7 +155,7 @@ def generate(
     if max_new_tokens <= 0:
         return [[] for _ in prompts]
     graphdef, state, prompts_bt, lengths_b = batch_inputs(model, prompts, mesh_sharding)
-    out_bn, counts_b = _generate_jit(
+    out_bn, counts_b, _ = generate_tokens(
         graphdef,
         state,
         prompts_bt,

@@ -60,3 +60,11 @@ def sample(
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
     logits_bv = filter_logits(logits_bv / temperature, top_k=top_k, top_p=top_p)
     return jax.random.categorical(key, logits_bv, axis=-1).astype(jnp.int32)
+
+
+def token_logps(logits_bv: jax.Array, tokens_b: jax.Array, temperature: float) -> jax.Array:
+    """log p(token) [B] under the temperature-scaled softmax `sample` draws from (no top-k or
+    top-p filtering: the distribution GRPO's ratio is taken over)."""
+    scaled_bv = logits_bv.astype(jnp.float32) / (temperature if temperature > 0 else 1.0)
+    logp_bv = jax.nn.log_softmax(scaled_bv, axis=-1)
+    return jnp.take_along_axis(logp_bv, tokens_b[:, None], axis=-1)[:, 0]
