@@ -73,7 +73,11 @@ def _saved(remat: str) -> list[str]:
     """What the backward pass keeps, one line per residual (jax.ad_checkpoint's own report), for
     a dense and an MoE layer run unrolled (scan stacks residuals under anonymous names)."""
     cfg = replace(TINY, num_layers=2, **{"mtp.depth": 0})
-    rt = Runtime.of(compute_dtype="float32", remat=remat, scan_layers=False)
+    # ragged_dot: the CPU default (`blocked`) is a custom_vjp that keeps its own tile-padded copy
+    # of the dispatched rows, so under remat=none the tagged rows themselves are not a residual.
+    rt = Runtime.of(
+        compute_dtype="float32", remat=remat, scan_layers=False, grouped_matmul="ragged_dot"
+    )
     graphdef, state = nnx.split(nnx.eval_shape(lambda: DeepSeek(cfg, nnx.Rngs(0), runtime=rt)))
     tokens = jnp.zeros((2, 16), jnp.int32)
     out = io.StringIO()
