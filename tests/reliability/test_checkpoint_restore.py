@@ -176,8 +176,11 @@ def test_a_failed_background_write_is_reported_at_once_and_retried(tmp_path):
         print(
             f"\n[ckpt] background save of step {step} failed; reported after {lines[i - 1][:11]!r}"
         )
-    # Orbax logs the failed writes' tracebacks to stderr first; the run's own error is one line.
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("deepseek-jax: error: 3 checkpoint saves in a row failed"), last
+    # Orbax logs the failed writes' tracebacks to stderr; the run's own error is one line. (At
+    # exit Orbax's background thread may still log a "cannot schedule new futures after
+    # shutdown" traceback after it: a known wart, so the line is looked for, not taken as last.)
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("deepseek-jax: error:")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert errors[0].startswith("deepseek-jax: error: 3 checkpoint saves in a row failed"), errors
     assert os.listdir(run / "checkpoints") == []  # no temporary directory left behind
     assert [m["step"] for m in metrics(run)][:6] == list(range(1, 7))
