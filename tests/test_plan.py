@@ -214,3 +214,40 @@ def test_plan_generate_holds_the_latent_cache_in_bf16(capsys):
     assert r["state_bytes"]["cache"] == per_chip_cache
     assert r["memory"]["argument_size_in_bytes"] >= r["state_bytes"]["params"] + per_chip_cache
     assert r["roofline"]["tokens_per_chip"] == 2
+
+
+@pytest.mark.parametrize("kernel", ["ragged_dot", "megablox", "splash"])
+def test_tpu_kernels_compile_with_bf16_operands_at_highest_precision(kernel):
+    """Test modules that set jax_default_matmul_precision="highest" must not break TPU compiles.
+
+    Mosaic (the Pallas kernels, and XLA:TPU's own ragged_dot kernel) rejects an fp32 contract
+    precision on bf16 operands ("Bad lhs type"); the kernels trace at "default" for bf16, forward
+    and backward (a custom VJP's backward is traced outside the caller's `with` block).
+    """
+    from deepseek_jax.ops.attention import attention
+    from deepseek_jax.ops.grouped_matmul import grouped_matmul
+    from deepseek_jax.runtime import Runtime
+
+    dev = parse_topology("v5p-8").devices()[0]
+    one = jax.sharding.SingleDeviceSharding(dev)
+
+    def spec(*shape, dtype=jnp.bfloat16):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=one)
+
+    if kernel == "splash":
+        rt = Runtime.of(attention="splash")
+        args = (spec(2, 256, 4, 192), spec(2, 256, 4, 192), spec(2, 256, 4, 128))
+
+        def loss(q, k, v):
+            out = attention(q, k, v, segment_ids_bt=None, scale=0.1, rt=rt, interpret=False)
+            return out.astype(jnp.float32).sum()
+    else:
+        args = (spec(512, 256), spec(4, 256, 256), spec(4, dtype=jnp.int32))
+
+        def loss(x, w, g):
+            out = grouped_matmul(x, w, g, impl=kernel, platform="tpu")
+            return out.astype(jnp.float32).sum()
+
+    with jax.default_matmul_precision("highest"):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes >= 0

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax.ops import at_pallas_precision
 from deepseek_jax.runtime import Runtime
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
@@ -156,12 +157,12 @@ def _splash(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, rt, interpret):
         q_bhtk = (q_bthk.astype(jnp.float32) * scale).astype(q_bthk.dtype).transpose(0, 2, 1, 3)
         k_bhsk, v_bhsk = k_bshk.transpose(0, 2, 1, 3), v_bshk.transpose(0, 2, 1, 3)
         if segment_ids_bt is None:
-            out_bhtk = jax.vmap(kernel)(q_bhtk, k_bhsk, v_bhsk)
+            call = jax.vmap(kernel)
+            args = (q_bhtk, k_bhsk, v_bhsk)
         else:
-            ids = splash.SegmentIds(q=segment_ids_bt, kv=segment_ids_bt)
-            out_bhtk = jax.vmap(lambda q, k, v, i: kernel(q, k, v, segment_ids=i))(
-                q_bhtk, k_bhsk, v_bhsk, ids
-            )
+            call = jax.vmap(lambda q, k, v, i: kernel(q, k, v, segment_ids=i))
+            args = (q_bhtk, k_bhsk, v_bhsk, splash.SegmentIds(q=segment_ids_bt, kv=segment_ids_bt))
+        out_bhtk = at_pallas_precision(call, q_bhtk.dtype)(*args)
         return out_bhtk.transpose(0, 2, 1, 3).astype(v_bshk.dtype)
 
     if sh is None or not (batch_axes or head_axes):

@@ -16,19 +16,23 @@ Other kernels register themselves with `register(name, fn)` (e.g. a CPU kernel f
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.ops import at_pallas_precision, pallas_precision
 from deepseek_jax.ops.gmm_blocked import gmm_blocked
 
 GroupedMatmul = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 def _ragged_dot(x_md: jax.Array, w_EDF: jax.Array, group_sizes_e: jax.Array) -> jax.Array:
-    # ragged_dot never writes rows past the last group: they are zero.
-    return jax.lax.ragged_dot(x_md, w_EDF, group_sizes_e)
+    # ragged_dot never writes rows past the last group: they are zero. XLA:TPU lowers it to a
+    # Mosaic kernel that, like the Pallas ones, rejects an fp32 precision on bf16 operands.
+    with pallas_precision(x_md.dtype):
+        return jax.lax.ragged_dot(x_md, w_EDF, group_sizes_e)
 
 
 def _tile(dim: int, preferred: int) -> int:
@@ -70,14 +74,10 @@ def _megablox(
     # whatever the unwritten rows hold (NaN included) from reaching the gradient.
     valid_m = jnp.arange(m + pad) < jnp.sum(group_sizes_e)
     x_md = jnp.where(valid_m[:, None], jnp.pad(x_md, ((0, pad), (0, 0))), 0)
-    out_md = gmm(
-        x_md,
-        w_EDF,
-        group_sizes_e.astype(jnp.int32),
-        preferred_element_type=x_md.dtype,
-        tiling=(tm, tk, tn),
-        interpret=interpret,
+    kernel = functools.partial(
+        gmm, preferred_element_type=x_md.dtype, tiling=(tm, tk, tn), interpret=interpret
     )
+    out_md = at_pallas_precision(kernel, x_md.dtype)(x_md, w_EDF, group_sizes_e.astype(jnp.int32))
     return jnp.where(valid_m[:, None], out_md, 0)[:m]
 
 
