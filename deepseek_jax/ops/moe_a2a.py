@@ -323,10 +323,13 @@ def _bwd(plan, residuals, dy_nd):
         dw_pb = jnp.sum(back[..., d:].astype(jnp.float32) * dy_pbd, axis=-1)
         dw_m = dw_m.at[pair_m].add(dw_pb.reshape(-1), mode="drop")
         # Each round's weight gradients go straight back to fp32 shards: no device holds its
-        # experts' whole fp32 gradients.
-        dg, du, dd = (
-            scatter_grad(g.astype(jnp.float32), a)
-            for g, a in zip((dg, du, dd), plan.weight_axes, strict=True)
+        # experts' whole fp32 gradients. The barrier keeps XLA from moving the reduce-scatter
+        # out of the loop (it would rather accumulate whole gradients and scatter once).
+        dg, du, dd = jax.lax.optimization_barrier(
+            tuple(
+                scatter_grad(g.astype(jnp.float32), a)
+                for g, a in zip((dg, du, dd), plan.weight_axes, strict=True)
+            )
         )
         return r + 1, dx_nd, dw_m, dgate + dg, dup + du, ddown + dd
 
