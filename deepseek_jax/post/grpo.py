@@ -254,6 +254,8 @@ class GRPOTrainer:
                 g.max_new_tokens,
                 key=jax.random.fold_in(key, r),
                 temperature=g.temperature,
+                top_k=g.top_k,
+                top_p=g.top_p,
                 eos_id=eos,
                 mesh_sharding=self.mesh_sharding,
                 speculative=g.speculative_rollouts,
