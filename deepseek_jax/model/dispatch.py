@@ -18,11 +18,31 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax import sharding
-from deepseek_jax.ops.moe_a2a import A2APlan, a2a_routed_experts, buffer_rows, exchange_kind
+from deepseek_jax.ops.moe_a2a import (
+    A2APlan,
+    WeightAxes,
+    a2a_routed_experts,
+    buffer_rows,
+    exchange_kind,
+    gathered,
+)
 from deepseek_jax.ops.moe_a2a import grouped_swiglu as grouped_swiglu
 from deepseek_jax.runtime import Runtime
 
 DISPATCHES = ("auto", "all_gather", "all_to_all")
+# Logical axes of the routed expert weights (model/moe.py creates them with these).
+GATE_AXES = ("experts", "expert_embed", "mlp")  # gate_EDF and up_EDF
+DOWN_AXES = ("experts", "mlp", "expert_embed")  # down_EFD
+
+
+def _split_axes(spec: jax.sharding.PartitionSpec, ndim: int) -> WeightAxes:
+    """Per dimension, the mesh axes a weight is split over, except dimension 0 (the experts,
+    which the shard_map itself splits): what `gather_weight` gathers inside the dispatch."""
+    entries = tuple(spec) + (None,) * (ndim - len(spec))
+    out = [()]
+    for e in entries[1:]:
+        out.append(() if e is None else (e,) if isinstance(e, str) else tuple(e))
+    return tuple(out)
 
 
 def _combine(out_md, slot_m, weights_nk):
@@ -42,10 +62,15 @@ def _local(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD, *, impl, pl
     return _combine(out_md, order_m, weights_nk)
 
 
+def _whole_weights(weight_axes, *ws):
+    return tuple(gathered(w, a) for w, a in zip(ws, weight_axes, strict=True))
+
+
 def _all_gather_shard(
-    x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD, *, axes, impl, platform
+    x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD, *, axes, impl, platform, weight_axes
 ):
     """Per-device body: this device owns experts [e0, e0 + E_local)."""
+    gate_EDF, up_EDF, down_EFD = _whole_weights(weight_axes, gate_EDF, up_EDF, down_EFD)
     x_nd = jax.lax.all_gather(x_nd, axes, tiled=True)
     experts_nk = jax.lax.all_gather(experts_nk, axes, tiled=True)
     weights_nk = jax.lax.all_gather(weights_nk, axes, tiled=True)
@@ -126,19 +151,27 @@ def dispatch_routed(
     strategy = choose_dispatch(dispatch, ep_size, experts_nk.shape[1])
     P = jax.sharding.PartitionSpec
     tokens = P(batch or None)
-    weights = P(ep or None)  # each device keeps whole matrices of its own experts
+    # The expert weights enter as stored (split over the expert axes along E and, by the rules,
+    # over fsdp along D): each dispatch gathers them in the compute dtype just before use, and
+    # their gradients leave reduce-scattered to shards in fp32 (ops/moe_a2a.py). Whole weights
+    # here would leave every device with its experts' whole gradients, all-reduced over fsdp.
+    gate_spec, down_spec = mesh_sharding.spec(GATE_AXES), mesh_sharding.spec(DOWN_AXES)
+    weight_axes = (_split_axes(gate_spec, 3), _split_axes(gate_spec, 3), _split_axes(down_spec, 3))
     mesh = mesh_sharding.mesh
     # The mesh's devices say where the program runs (a TPU slice compiled ahead of time from a
     # CPU host: megablox, ragged exchanges), not this host's default backend.
     platform = mesh.devices.flat[0].platform
     if not ep:
         # Every device owns every expert: nothing to exchange, each device runs its own tokens.
-        def body(*a):
-            return _local(*a, impl=impl, platform=platform)
+        def body(x, e, w, *expert_weights):
+            whole = _whole_weights(weight_axes, *expert_weights)
+            return _local(x, e, w, *whole, impl=impl, platform=platform)
     elif strategy == "all_gather":
 
         def body(*a):
-            return _all_gather_shard(*a, axes=ep, impl=impl, platform=platform)
+            return _all_gather_shard(
+                *a, axes=ep, impl=impl, platform=platform, weight_axes=weight_axes
+            )
     else:
         n_local = x_nd.shape[0] // mesh_sharding.axis_size("batch")
         pairs = n_local * experts_nk.shape[1]
@@ -149,6 +182,7 @@ def dispatch_routed(
             impl=impl,
             platform=platform,
             exchange=exchange_kind(platform),
+            weight_axes=weight_axes,
         )
 
         def body(*a):
@@ -157,7 +191,7 @@ def dispatch_routed(
     return jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(tokens, tokens, tokens, weights, weights, weights),
+        in_specs=(tokens, tokens, tokens, gate_spec, gate_spec, down_spec),
         out_specs=tokens,
         check_vma=False,
     )(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD)

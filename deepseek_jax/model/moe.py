@@ -15,7 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig, MoEConfig
-from deepseek_jax.model.dispatch import routed_experts
+from deepseek_jax.model.dispatch import DOWN_AXES, GATE_AXES, routed_experts
 from deepseek_jax.model.layers import SwiGLU, cast, param
 from deepseek_jax.runtime import Runtime
 
@@ -92,9 +92,9 @@ class MoE(nnx.Module):
         # can shard attention/dense weights over the expert axis without colliding with E.
         self.router_DE = param(rngs, (d, e), ("expert_embed", "experts"), cfg, rt)
         self.router_bias_E = RouterBias(jnp.zeros((e,), jnp.float32), axes=("experts",))
-        self.gate_EDF = param(rngs, (e, d, f), ("experts", "expert_embed", "mlp"), cfg, rt)
-        self.up_EDF = param(rngs, (e, d, f), ("experts", "expert_embed", "mlp"), cfg, rt)
-        self.down_EFD = param(rngs, (e, f, d), ("experts", "mlp", "expert_embed"), cfg, rt)
+        self.gate_EDF = param(rngs, (e, d, f), GATE_AXES, cfg, rt)
+        self.up_EDF = param(rngs, (e, d, f), GATE_AXES, cfg, rt)
+        self.down_EFD = param(rngs, (e, f, d), DOWN_AXES, cfg, rt)
         self.shared = (
             SwiGLU(cfg, moe.n_shared_experts * f, rngs, rt) if moe.n_shared_experts > 0 else None
         )
