@@ -113,24 +113,13 @@ def categorize(op_name: str, frames: list[tuple[str, str]]) -> str:
 
 def trace_step(args) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from train_speed import Case, _batch, _config
+    from step_setup import Case, compiled_step, config_for
 
-    from deepseek_jax.train.step import Trainer
-
-    cfg = _config(Case("jax", args.shape, args.dtype, tuple(args.overrides)))
-    trainer = Trainer.create(cfg, None)
-    state = trainer.init()
-    tokens, targets = _batch(cfg)
-    batch = {
-        "tokens": jnp.asarray(tokens),
-        "targets": jnp.asarray(targets),
-        "loss_mask": jnp.ones(tokens.shape, jnp.float32),
-    }
-    compiled = trainer.jitted_step().lower(state, batch).compile()
+    cfg = config_for(Case("jax", args.shape, args.dtype, tuple(args.overrides)))
+    compiled, state, batch, _ = compiled_step(cfg)
     hlo = parse_hlo(compiled.as_text())
     for _ in range(2):
         state, metrics = compiled(state, batch)

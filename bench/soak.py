@@ -8,10 +8,10 @@ uninterrupted run ends: the same loss at every step and bitwise the same final p
 
 Each start of `deepseek-jax train` (tiny model, small shapes, Markov data) is interrupted at a
 random step: by SIGTERM (the run must save and exit 75), by SIGKILL at a random moment, or by
-SIGKILL right after a checkpoint step is logged, when the asynchronous save is usually still in
-flight. The next start resumes from the newest checkpoint. Printed: steps, restarts survived per
-kind, kills that hit a save in progress, steps lost (run again after a SIGKILL), whether every
-logged loss and the final parameters equal the uninterrupted run's.
+SIGKILL while a checkpoint is being written (once its temporary folder has appeared). The next
+start resumes from the newest checkpoint. Printed: steps, restarts survived per kind, kills that
+hit a save in progress, steps lost (run again after a SIGKILL), whether every logged loss and the
+final parameters equal the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -30,9 +30,13 @@ import time
 
 import numpy as np
 
+from deepseek_jax.checkpoint.training import step_arrays
+from deepseek_jax.plots import read_metrics
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Small shapes: the tiny recipe with 2 layers, 4 sequences of 32 tokens, fp32 on one CPU device.
-MODEL = [
+# Small shapes, shared with tests/reliability: the tiny recipe with 2 layers, 4 sequences of 32
+# tokens, fp32, Markov data, one line per step, quiet.
+SMALL = [
     "model.num_layers=2",
     "runtime.compute_dtype=float32",
     "train.seq_len=32",
@@ -98,22 +102,11 @@ def saving_now(run_dir: str) -> bool:
     return os.path.isdir(folder) and any("tmp" in name for name in os.listdir(folder))
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def final_state(run_dir: str) -> dict[str, np.ndarray]:
     """Every array of the newest checkpoint's train state, by path."""
-    import jax
-    import orbax.checkpoint as ocp
-
     folder = os.path.join(run_dir, "checkpoints")
     step = max(int(n) for n in os.listdir(folder) if n.isdigit())
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(os.path.join(folder, str(step), "state"))
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+    return step_arrays(os.path.join(folder, str(step)))
 
 
 def soak(
@@ -133,7 +126,7 @@ def soak(
     env.setdefault("PYTHONPATH", ROOT)
     shutil.rmtree(work_dir, ignore_errors=True)
     os.makedirs(work_dir)
-    common = [*MODEL, f"train.steps={steps}", f"train.checkpoint_every={checkpoint_every}"]
+    common = [*SMALL, f"train.steps={steps}", f"train.checkpoint_every={checkpoint_every}"]
     interrupted = os.path.join(work_dir, "interrupted")
     figures = {
         "steps": steps,
@@ -166,7 +159,13 @@ def soak(
                 target = start + rng.randint(1, max(1, (steps - 1 - start) // (left + 1)))
             if target < steps and run.wait_for_step(target, step_timeout):
                 if kind == "sigkill_saving":
-                    time.sleep(rng.uniform(0.0, 0.05))
+                    # The save starts after the step's line (a finiteness check first): wait
+                    # for its temporary folder, up to a few seconds, then kill at a random
+                    # moment of the write.
+                    end = time.monotonic() + 5.0
+                    while not saving_now(interrupted) and time.monotonic() < end:
+                        time.sleep(0.002)
+                    time.sleep(rng.uniform(0.0, 0.02))
                     figures["killed_while_saving"] += saving_now(interrupted)
                 signum = signal.SIGTERM if kind == "sigterm" else signal.SIGKILL
                 run.proc.send_signal(signum)
@@ -197,7 +196,7 @@ def soak(
         raise RuntimeError(f"the reference run failed; see {work_dir}/ref.log")
     figures["reference_seconds"] = round(time.monotonic() - t0, 1)
 
-    a, b = read_metrics(interrupted), read_metrics(reference)
+    a, b = read_metrics(interrupted), read_metrics(reference)  # deepseek_jax.plots
     figures["logged_steps_equal"] = [m["step"] for m in a] == [m["step"] for m in b]
     figures["losses_equal"] = figures["logged_steps_equal"] and all(
         x[k] == y[k] for x, y in zip(a, b, strict=True) for k in LOSS_KEYS

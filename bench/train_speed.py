@@ -30,99 +30,21 @@ import subprocess
 import sys
 import time
 
-# The shapes of issue #12: DeepSeek-V3 layout, hidden 256, 4 layers (1 dense), batch 8 x 256.
-ISSUE = [
-    "model.vocab_size=4096",
-    "model.hidden_size=256",
-    "model.intermediate_size=768",
-    "model.num_layers=4",
-    "model.num_heads=8",
-    "model.mla.q_lora_rank=128",
-    "model.mla.kv_lora_rank=64",
-    "model.mla.qk_rope_head_dim=16",
-    "model.mla.qk_nope_head_dim=32",
-    "model.mla.v_head_dim=32",
-    "model.moe.n_routed_experts=16",
-    "model.moe.n_experts_per_tok=4",
-    "model.moe.n_shared_experts=1",
-    "model.moe.moe_intermediate_size=128",
-    "model.moe.first_k_dense_replace=1",
-    "model.moe.n_group=1",
-    "model.moe.topk_group=1",
-    "model.mtp.depth=0",
-    "train.batch_size=8",
-    "train.seq_len=256",
-]
-# tiny.yaml as the default run uses it, without MTP (transformers has none).
-TINY = ["model.mtp.depth=0"]
-SHAPES = {"issue": ISSUE, "tiny": TINY}
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    impl: str  # jax | torch | peak
-    shape: str = "issue"
-    dtype: str = "float32"  # compute dtype
-    extra: tuple[str, ...] = ()  # more overrides (experts, scan)
-    label: str = ""
-
-
-def _runtime_key(cfg_module, name: str) -> str:
-    """`runtime.<name>` once the runtime config section exists, else the old `model.<name>`."""
-    fields = {f.name for f in dataclasses.fields(cfg_module.Config)}
-    return f"runtime.{name}" if "runtime" in fields else f"model.{name}"
-
-
-def _config(case: Case):
-    from deepseek_jax import config as cfg_module
-
-    overrides = list(SHAPES[case.shape]) + [
-        f"{_runtime_key(cfg_module, 'compute_dtype')}={case.dtype}",
-        "train.progress_bar=false",
-    ]
-    # "RUNTIME.<knob>=v" names a runtime knob wherever this version of the config keeps it.
-    extra = [
-        _runtime_key(cfg_module, o.split(".", 1)[1].split("=")[0]) + "=" + o.split("=", 1)[1]
-        if o.startswith("RUNTIME.")
-        else o
-        for o in case.extra
-    ]
-    return cfg_module.load_config("tiny", overrides + extra)
-
-
-def _batch(cfg, seed: int = 0):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    b, t, v = cfg.train.batch_size, cfg.train.seq_len, cfg.model.vocab_size
-    tokens = rng.integers(0, v, size=(b, t + 1)).astype(np.int32)
-    return tokens[:, :-1], tokens[:, 1:]
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from step_setup import Case, compiled_step, config_for, random_batch  # noqa: E402
 
 # -- workers (one per process) ---------------------------------------------------------------
 
 
 def worker_jax(case: Case, steps: int, warmup: int) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from deepseek_jax.train.flops import train_flops_per_token
-    from deepseek_jax.train.step import Trainer
 
-    cfg = _config(case)
-    trainer = Trainer.create(cfg, None)
-    state = trainer.init()
-    tokens, targets = _batch(cfg)
-    batch = {
-        "tokens": jnp.asarray(tokens),
-        "targets": jnp.asarray(targets),
-        "loss_mask": jnp.ones(tokens.shape, jnp.float32),
-    }
-    step_fn = trainer.jitted_step()
-    start = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
+    cfg = config_for(case)
+    compiled, state, batch, compile_s = compiled_step(cfg)
+    tokens = batch["tokens"]
     times = []
     for i in range(warmup + steps):
         start = time.perf_counter()
@@ -149,7 +71,7 @@ def worker_torch(case: Case, steps: int, warmup: int) -> dict:
     from deepseek_jax.config import to_hf_config
     from deepseek_jax.train.flops import train_flops_per_token
 
-    cfg = _config(case)
+    cfg = config_for(case)
     if case.dtype != "float32":
         raise ValueError("the transformers baseline runs in float32 only")
     hf = transformers.DeepseekV3Config(**to_hf_config(cfg.model))
@@ -164,7 +86,7 @@ def worker_torch(case: Case, steps: int, warmup: int) -> dict:
         eps=tc.eps,
         weight_decay=tc.weight_decay,
     )
-    tokens, targets = _batch(cfg)
+    tokens, targets = random_batch(cfg)
     x = torch.from_numpy(tokens.astype(np.int64))
     y = torch.from_numpy(targets.astype(np.int64))
     times = []
@@ -344,8 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     if "compile" in sections:
         print("\n## compile time of the train step (issue shapes, fp32, seconds)")
         cases = [
-            Case("jax", "issue", "float32", ("RUNTIME.scan_layers=true",), "scanned"),
-            Case("jax", "issue", "float32", ("RUNTIME.scan_layers=false",), "unrolled"),
+            Case("jax", "issue", "float32", ("runtime.scan_layers=true",), "scanned"),
+            Case("jax", "issue", "float32", ("runtime.scan_layers=false",), "unrolled"),
         ]
         per = {c: [] for c in cases}
         for _ in range(max(1, args.rounds - 1)):

@@ -349,6 +349,9 @@ class TrainConfig:
     mtp_lambda_switch_step: int = 1_000_000_000
     balance_alpha: float = 1e-4  # sequence-wise balance loss weight α (SPEC §3)
     bias_gamma: float = 0.001  # aux-loss-free bias update speed γ (SPEC §3)
+    # null keeps γ constant; a value decays γ along a cosine from bias_gamma at step 0 to this
+    # at train.steps (V3 lowers γ to 0 for its final phase, SPEC §7).
+    bias_gamma_final: float | None = None
     z_loss: float = 0.0  # weight of mean(logsumexp(logits)²), 0 disables
     log_every: int = 1
     run_dir: str = "runs/default"
@@ -421,6 +424,10 @@ class TrainConfig:
         )
         for name in ("mtp_lambda", "mtp_lambda_final", "balance_alpha", "bias_gamma", "z_loss"):
             _require(getattr(self, name) >= 0, f"{p}.{name}={getattr(self, name)} must be >= 0")
+        _require(
+            self.bias_gamma_final is None or self.bias_gamma_final >= 0,
+            f"{p}.bias_gamma_final={self.bias_gamma_final} must be >= 0 (or null: constant γ)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -465,6 +472,10 @@ class DataConfig:
     pad_id: int | None = None
     eval_fraction: float = 0.01  # documents held out for evaluation, picked by a fixed hash
     shuffle: bool = True
+    # Train rows are also shuffled within windows of this many packed rows (0: off). Packing
+    # cuts each document into consecutive rows, so without it a batch is one stretch of one or
+    # two documents; a window spanning many documents mixes them in every batch.
+    shuffle_window: int = 0
     seed: int = 0
     # False: packed documents cannot attend to each other (segment ids, per-document positions).
     cross_document_attention: bool = False
@@ -491,7 +502,7 @@ class DataConfig:
             f"{p}.eval_fraction={self.eval_fraction} must be in [0, 1)",
         )
         _require(0 <= self.seed < 2**32, f"{p}.seed={self.seed} must be in [0, 2**32)")
-        for name in ("num_workers", "read_threads"):
+        for name in ("num_workers", "read_threads", "shuffle_window"):
             _require(getattr(self, name) >= 0, f"{p}.{name}={getattr(self, name)} must be >= 0")
         _require(
             self.prefetch_buffer_size >= 1,

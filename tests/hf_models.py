@@ -46,6 +46,23 @@ V3_BASE = dict(
     ),
 )
 
+# For host-memory tests: large enough that the embedding and head (4096 x 512 fp32 = 8 MiB each)
+# are the largest tensors and the whole checkpoint is many times that.
+MEMORY_V3 = dict(
+    V3_BASE,
+    vocab_size=4096,
+    hidden_size=512,
+    intermediate_size=512,
+    moe_intermediate_size=256,
+    n_routed_experts=32,
+    n_group=4,
+    num_hidden_layers=4,
+    first_k_dense_replace=1,
+    num_nextn_predict_layers=0,
+    architectures=["DeepseekV3ForCausalLM"],
+    model_type="deepseek_v3",
+)
+
 V2_BASE = dict(
     V3_BASE,
     q_lora_rank=None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,13 +11,16 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from deepseek_jax import sharding
 from deepseek_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
+from deepseek_jax.checkpoint.training import NonFiniteState
 from deepseek_jax.config import load_config
-from deepseek_jax.errors import EXIT_PREEMPTED
+from deepseek_jax.errors import EXIT_PREEMPTED, Diverged
+from deepseek_jax.train import loop
 from deepseek_jax.train.loop import train
 from deepseek_jax.train.step import Trainer
 
@@ -43,15 +47,16 @@ def _losses(run_dir):
 
 
 def test_exact_resume_is_bitwise(tmp_path):
-    """20 steps in one run == 10 steps, restart, 10 more: identical losses at every step."""
-    mesh = ["mesh.data=2", "mesh.expert=4", "mesh.fsdp=1", "train.checkpoint_every=5"]
-    _run(tmp_path / "straight", 20, *mesh)
-    _run(tmp_path / "split", 10, *mesh)
-    assert Checkpointer(str(tmp_path / "split" / "checkpoints"), 5, 3).latest_step() == 10
-    resumed = _run(tmp_path / "split", 20, *mesh)
-    assert [m["step"] for m in resumed] == list(range(11, 21))
+    """8 steps in one run == 4 steps, restart, 4 more: identical losses at every step (the
+    restored state, optimizer moments and data position all matter from the first step on)."""
+    mesh = ["mesh.data=2", "mesh.expert=4", "mesh.fsdp=1", "train.checkpoint_every=4"]
+    _run(tmp_path / "straight", 8, *mesh)
+    _run(tmp_path / "split", 4, *mesh)
+    assert Checkpointer(str(tmp_path / "split" / "checkpoints"), 4, 3).latest_step() == 4
+    resumed = _run(tmp_path / "split", 8, *mesh)
+    assert [m["step"] for m in resumed] == list(range(5, 9))
     straight, split = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
-    assert len(straight) == len(split) == 20
+    assert len(straight) == len(split) == 8
     assert straight == split  # bitwise: the same floats, not just close
 
 
@@ -84,6 +89,27 @@ def test_restore_refuses_another_model(tmp_path):
     assert ckpt.all_steps() == [0]
     restored = ckpt.restore(abstract_like(trainer.state_shardings, abstract_shapes(trainer)), cfg)
     assert int(restored.step) == 0
+
+
+@dataclasses.dataclass
+class _State:
+    step: jax.Array
+    params: dict
+
+
+def test_a_non_finite_state_is_never_saved_and_ends_the_run(tmp_path):
+    """The Checkpointer's finiteness check (the only one) refuses the save before anything is
+    written; the training loop turns the refusal into Diverged (exit code 3)."""
+    cfg = load_config("tiny", SMALL)
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"), every=1, keep=5)
+    assert ckpt.save(1, _State(jnp.int32(1), {"w_D": jnp.ones(4)}), cfg, force=True)
+    bad = _State(jnp.int32(2), {"w_D": jnp.array([1.0, jnp.inf, 0.0, 1.0])})
+    with pytest.raises(NonFiniteState, match="not saving step 2 to .* hold NaN or Inf"):
+        ckpt.save(2, bad, cfg, force=True)
+    with pytest.raises(Diverged, match="the state at step 3 holds non-finite values"):
+        loop._save(ckpt, 3, dataclasses.replace(bad, step=jnp.int32(3)), cfg, None)
+    ckpt.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
 
 
 def abstract_shapes(trainer):

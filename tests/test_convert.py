@@ -19,6 +19,7 @@ import torch
 from flax import nnx
 from hf_models import (
     FP8_BLOCK,
+    MEMORY_V3,
     TOL,
     V2_BASE,
     V3_BASE,
@@ -428,20 +429,7 @@ def test_load_restores_shards_onto_a_mesh(trained_run):
 
 # --- Memory ----------------------------------------------------------------------------------
 
-MEM_CONFIG = dict(
-    V3_BASE,
-    vocab_size=4096,
-    hidden_size=512,  # embedding and head: 4096 x 512 fp32 = 8 MiB each, the largest tensors
-    intermediate_size=512,
-    moe_intermediate_size=256,
-    n_routed_experts=32,
-    n_group=4,
-    num_hidden_layers=3,
-    first_k_dense_replace=1,
-    num_nextn_predict_layers=0,
-    architectures=["DeepseekV3ForCausalLM"],
-    model_type="deepseek_v3",
-)
+MEM_CONFIG = dict(MEMORY_V3, num_hidden_layers=3)
 OVERHEAD = 64 * 2**20  # fixed allowance: TensorStore and JAX tracing buffers, the allocator
 
 MEASURE = r"""

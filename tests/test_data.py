@@ -298,6 +298,20 @@ def test_shuffle_is_seeded(text_dir):
     assert two[:n] == order[0] and sorted(two[n:]) == sorted(_docs()) and two[n:] != two[:n]
 
 
+def test_shuffle_window_mixes_rows(text_dir):
+    def rows(batches):
+        pairs = ((r, m) for b in batches for r, m in zip(b["tokens"], b["loss_mask"], strict=True))
+        return [tuple(r) for r, m in pairs if m.any()]
+
+    plain = rows(_all_batches(_cfg(text_dir, seed=2)))
+    mixed = rows(_all_batches(_cfg(text_dir, seed=2, shuffle_window=7)))
+    assert sorted(mixed) == sorted(plain)  # the same rows, each once
+    assert mixed != plain
+    # The eval split is never shuffled.
+    evals = [_cfg(text_dir, eval_fraction=0.3, shuffle_window=w) for w in (0, 7)]
+    _same(*(_all_batches(c, split="eval") for c in evals))
+
+
 def test_processes_read_disjoint_covering_shards(text_dir):
     cfg = _cfg(text_dir)
     shards = [_documents_in(_all_batches(cfg, process_index=i, process_count=2)) for i in range(2)]
@@ -344,8 +358,9 @@ def _same(a: list[dict], b: list[dict]) -> None:
             np.testing.assert_array_equal(x[k], y[k])
 
 
-def test_resume_is_exact(text_dir):
-    cfg = _cfg(text_dir, seed=3)
+@pytest.mark.parametrize("window", [0, 5])
+def test_resume_is_exact(text_dir, window):
+    cfg = _cfg(text_dir, seed=3, shuffle_window=window)
     ref = list(itertools.islice(data.make_iterator(cfg, SEQ, 2), 40))  # crosses an epoch
     for k in range(0, 30, 3):
         it = data.make_iterator(cfg, SEQ, 2)

@@ -14,7 +14,7 @@ import sys
 import jax
 import numpy as np
 from flax import nnx
-from hf_models import FP8_BLOCK, V3_BASE
+from hf_models import FP8_BLOCK, MEMORY_V3, V3_BASE
 
 import deepseek_jax
 from deepseek_jax import sharding
@@ -107,20 +107,7 @@ def test_fp8_sharded_load_equals_one_device_load(tmp_path):
         np.testing.assert_array_equal(one[key], reference[key], err_msg=key)
 
 
-MEM_CONFIG = dict(
-    V3_BASE,
-    vocab_size=4096,
-    hidden_size=512,  # embedding and head: 4096 x 512 fp32 = 8 MiB each, the largest tensors
-    intermediate_size=512,
-    moe_intermediate_size=256,
-    n_routed_experts=32,
-    n_group=4,
-    num_hidden_layers=4,
-    first_k_dense_replace=1,
-    num_nextn_predict_layers=0,
-    architectures=["DeepseekV3ForCausalLM"],
-    model_type="deepseek_v3",
-)
+MEM_CONFIG = MEMORY_V3
 MARGIN = 48 * 2**20  # fixed allowance: XLA's CPU client, tracing the abstract model, the allocator
 
 MEASURE = r"""

@@ -30,9 +30,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import sharding
-from deepseek_jax.config import TrainConfig, load_config, replace
+from deepseek_jax.config import ConfigError, TrainConfig, load_config, replace
 from deepseek_jax.train.flops import train_flops_per_token
-from deepseek_jax.train.optim import decay_mask, learning_rate
+from deepseek_jax.train.optim import bias_gamma, decay_mask, learning_rate
 from deepseek_jax.train.step import Trainer, TrainState, update_router_bias
 from deepseek_jax.train.synthetic import MarkovTokens
 
@@ -530,6 +530,20 @@ def test_learning_rate_schedule():
     no_warmup = TrainConfig(steps=10, warmup_steps=0, learning_rate=1e-3, min_learning_rate=0.0)
     np.testing.assert_allclose(learning_rate(no_warmup, 0), 1e-3, rtol=1e-6)
     np.testing.assert_allclose(learning_rate(no_warmup, 10), 0.0, atol=1e-12)
+
+
+def test_bias_gamma_schedule():
+    """Constant γ by default; with bias_gamma_final a cosine from bias_gamma at step 0 to the
+    final value at `steps`, flat after. Tolerance rtol 1e-6 (fp32 arithmetic)."""
+    np.testing.assert_allclose(bias_gamma(TrainConfig(bias_gamma=0.01), 57), 0.01, rtol=1e-6)
+    tc = TrainConfig(steps=100, bias_gamma=0.02, bias_gamma_final=0.002)
+    g = np.asarray([bias_gamma(tc, s) for s in range(120)])
+    np.testing.assert_allclose(g[0], 0.02, rtol=1e-6)
+    np.testing.assert_allclose(g[50], 0.011, rtol=1e-6)
+    np.testing.assert_allclose(g[100:], 0.002, rtol=1e-6)
+    assert np.all(np.diff(g[:101]) < 0)
+    with pytest.raises(ConfigError, match=r"train.bias_gamma_final=-1"):
+        TrainConfig(bias_gamma_final=-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,11 +12,18 @@ What this adds to Orbax, so that a run never loses its last good state:
 - resume takes the newest step that is complete and restores without error; every newer step
   is named with the reason it was skipped and moved aside to `rejected_checkpoints/` (never
   deleted, never mixed with the run's new checkpoints);
-- a save is refused, before anything is written, from non-finite parameters or optimizer state,
-  into a directory that is not writable, or with less free space than the state's size; a save
-  that fails while writing (disk full, permission) is reported as soon as it has failed, with
-  the path, and its temporary directory removed. Training goes on with its state in memory and
-  the next save retries; `max_failures` failed saves in a row stop the run (CheckpointError);
+- a save is refused, before anything is written, into a directory that is not writable or with
+  less free space than the state's size; from non-finite parameters or optimizer state it is
+  refused with `NonFiniteState` (the caller decides whether the run goes on);
+- a save that fails while writing (disk full, permission) is reported with the path and its
+  temporary directory removed. An asynchronous save is written by Orbax's background thread, so
+  its failure is known only once that thread has ended: `poll()`, called by the training loop
+  once per step, reports it at the first step boundary after the write has ended (on every
+  process: they agree, so that all count and stop at the same step), and at the latest the next
+  `save()` or `close()` waits for it. Training goes on with its state in memory and the next save
+  retries; `max_failures` failed saves in a row stop the run (CheckpointError);
+- a failed save's Orbax objects are closed and their writer threads joined before training goes
+  on, so that nothing of it is still running (or printing) when the process exits;
 - old checkpoints are rotated away only after a newer save has completed, so the newest good
   checkpoint is never the one deleted.
 """
@@ -24,11 +31,13 @@ What this adds to Orbax, so that a run never loses its last good state:
 from __future__ import annotations
 
 import dataclasses
+import gc
 import glob
 import json
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +45,7 @@ from typing import Any
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from deepseek_jax.checkpoint.compare import check_same_model
@@ -49,13 +59,19 @@ _REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "config/metadata")
 
 __all__ = [
     "Checkpointer",
+    "NonFiniteState",
     "abstract_like",
     "check_directory",
     "newest_good_step",
     "read_step_config",
     "state_is_finite",
+    "step_arrays",
     "step_problem",
 ]
+
+
+class NonFiniteState(CheckpointError):
+    """A save refused because the state holds NaN or Inf (nothing was written)."""
 
 
 def _as_tree(state) -> dict:
@@ -81,33 +97,39 @@ def state_nbytes(state) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def check_directory(directory: str, need_bytes: int = 0) -> None:
-    """Raise CheckpointError unless `directory` is (or can be made) a writable directory with
-    `need_bytes` free. Writability is tested by creating a file, which also catches read-only
-    filesystems for root."""
-    parent = directory
-    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
-        parent = os.path.dirname(parent)
+def check_directory(
+    directory: str,
+    need_bytes: int = 0,
+    label: str | None = None,
+    error: type[Exception] = CheckpointError,
+) -> None:
+    """Create `directory` if needed; raise `error` unless it is a writable directory with
+    `need_bytes` free. `label` names it in the message (default: "checkpoint directory <path>").
+
+    Writability is tested by creating a file, which also catches read-only filesystems for root
+    (who passes every permission check)."""
+    what = label or f"checkpoint directory {directory}"
+    fix = "choose another train.run_dir"
     if os.path.exists(directory) and not os.path.isdir(directory):
-        raise CheckpointError(f"checkpoint directory {directory} is a file; choose a directory")
-    if not os.path.isdir(parent):
-        raise CheckpointError(f"cannot create checkpoint directory {directory}: {parent} is a file")
-    probe = os.path.join(parent, f".write-probe-{uuid.uuid4().hex}")
+        raise error(f"{what} is a file, not a folder: {fix}")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise error(f"{what} cannot be created ({e.strerror}): {fix}") from None
+    probe = os.path.join(directory, f".write-probe-{uuid.uuid4().hex}")
     try:
         with open(probe, "w") as f:
             f.write("probe")
         os.remove(probe)
     except OSError as e:
-        raise CheckpointError(
-            f"checkpoint directory {directory} is not writable ({e.strerror}): fix its "
-            "permissions or set train.run_dir to a writable place"
-        ) from None
-    stat = os.statvfs(parent)
+        reason = f"is not writable ({e.strerror})"
+        raise error(f"{what} {reason}: fix its permissions or {fix}") from None
+    stat = os.statvfs(directory)
     free = stat.f_bavail * stat.f_frsize
     if free < need_bytes:
-        raise CheckpointError(
+        raise error(
             f"no room for a checkpoint in {directory}: it needs about {_mib(need_bytes)} (the "
-            f"train state's size) but {_mib(free)} is free; free space or set train.run_dir"
+            f"train state's size) but {_mib(free)} is free; free space or {fix}"
         )
 
 
@@ -152,6 +174,46 @@ def read_step_config(step_dir: str) -> Config:
         raise CheckpointError(f"cannot read the run config {path}: {e}") from None
 
 
+def step_arrays(step_dir: str) -> dict[str, np.ndarray]:
+    """Every array of the train state saved in `step_dir`, by its path in the state (on host,
+    as saved; for comparing runs and checking checkpoints, not for resuming)."""
+    with ocp.StandardCheckpointer() as reader:
+        tree = reader.restore(os.path.join(step_dir, "state"))
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+
+
+def _any_process(*flags: bool) -> tuple[bool, ...]:
+    """Each flag OR-ed over all processes (the flags as given with one process). Every process
+    must call this at the same point: it is a collective."""
+    if jax.process_count() == 1:
+        return flags
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather(np.array(flags, np.int32))
+    return tuple(bool(x) for x in np.asarray(gathered).reshape(-1, len(flags)).any(axis=0))
+
+
+def _join_orbax_writers(timeout_s: float = 120.0) -> None:
+    """Wait for the writer threads of Orbax saves that are still running.
+
+    A failed save ends Orbax's background thread at its first error while the writers of the
+    other items (one thread each) go on. Left alone they finish later, and their reports then
+    land after the run's last line, or at interpreter exit as "cannot schedule new futures after
+    shutdown" once the executors they use are closed. Orbax exposes no handle on them: they are
+    found by their class (orbax 0.12.8), and if that moves, nothing is waited for."""
+    try:
+        from orbax.checkpoint._src.futures.future import _SignalingThread
+    except ImportError:
+        return
+    for thread in threading.enumerate():
+        if isinstance(thread, _SignalingThread) and thread is not threading.current_thread():
+            try:
+                thread.join(timeout_s)
+            except Exception:  # its own error (already part of the failure reported)
+                pass
+
+
 def _short(error: BaseException) -> str:
     """The gist of an Orbax/TensorStore error: its last line, bounded."""
     text = str(error).strip().splitlines()
@@ -181,6 +243,7 @@ class Checkpointer:
         self.log = log or (lambda msg: logger.warning("%s", msg))
         self.failures = 0  # failed saves in a row
         self._pending: int | None = None  # step of the save in flight
+        self._closed = False
         self.manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
@@ -305,22 +368,28 @@ class Checkpointer:
     ) -> bool:
         """Start saving `step` (returns at once when async). False when the save was refused or
         failed (already logged; training can go on), or `step` is not a save step. Raises
-        CheckpointError after `max_failures` failed saves in a row."""
+        NonFiniteState, writing nothing, if the state holds NaN or Inf, and CheckpointError after
+        `max_failures` failed saves in a row. With several processes every one calls this at the
+        same step, and they agree on each outcome."""
         self.poll(wait=True)  # one save at a time: settle the previous one first
         if not force and not self.manager.should_save(step):
             return False
+        # The one finiteness check of a save (a reduction over the state, the same answer on
+        # every process); the training loop turns a refusal into Diverged.
         if not state_is_finite(state):
-            self.log(
+            raise NonFiniteState(
                 f"not saving step {step} to {self.directory}: the parameters or optimizer state "
                 "hold NaN or Inf; the newest checkpoint stays the last finite one"
             )
-            return False
-        step_dir = os.path.join(self.directory, str(step))
+        why = None
         try:
             check_directory(self.directory, state_nbytes(state))
         except CheckpointError as e:
-            self._failed(step, str(e))
+            why = str(e)
+        if _any_process(why is not None)[0]:
+            self._failed(step, why or "another process found no room (see its log)")
             return False
+        step_dir = os.path.join(self.directory, str(step))
         if os.path.exists(step_dir):  # a leftover of an earlier run that did not restore
             self._set_aside([step])
         items: dict[str, Any] = {
@@ -332,7 +401,9 @@ class Checkpointer:
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
         except Exception as e:  # any failure to write is reported the same way
-            self._failed(step, f"{type(e).__name__}: {_short(e)}")
+            why = f"{type(e).__name__}: {_short(e)}"
+        if _any_process(why is not None)[0]:
+            self._failed(step, why or "the write failed on another process (see its log)")
             return False
         self._pending = step
         if not self.async_save:
@@ -340,36 +411,46 @@ class Checkpointer:
         return True
 
     def poll(self, wait: bool = False) -> None:
-        """Settle the save in flight once it has finished (or wait for it): a failure is
-        reported now, a success rotates old checkpoints. Cheap; the loop calls it every step."""
-        if self._pending is None or (not wait and self.manager.is_saving_in_progress()):
+        """Settle the save in flight once it has ended (or wait for it): a failure is reported
+        now, a success rotates old checkpoints.
+
+        Cheap: a flag read, plus with several processes one small all-gather while a save is in
+        flight (the save is settled only once it has ended on every process, so that all
+        report, count and stop at the same step). The loop calls it once per step: a failed
+        asynchronous save is reported at the first step boundary after Orbax's background write
+        has ended, and at the latest when the next save() or close() waits for it."""
+        if self._pending is None:
+            return
+        if not wait and _any_process(self.manager.is_saving_in_progress())[0]:
             return
         step, self._pending = self._pending, None
         try:
-            self.manager.wait_until_finished()
+            self.manager.wait_until_finished()  # at once: the write has ended
             problem = step_problem(os.path.join(self.directory, str(step)))
         except Exception as e:
             problem = f"{type(e).__name__}: {_short(e)}"
-        if problem is not None:
-            self._failed(step, problem)
+        if _any_process(problem is not None)[0]:
+            self._failed(step, problem or "the write failed on another process (see its log)")
             return
         self.failures = 0
         self._rotate()
 
     def _failed(self, step: int, why: str) -> None:
-        """Report a failed save at once, remove what it left, and count it."""
+        """Report a failed save, remove what it left, and count it."""
         self.failures += 1
+        # Orbax keeps a failed async save's error and step list: close this manager (after its
+        # writers have stopped) and start a new one from the directory.
+        self._close_manager()
         if self._is_main():
             for tmp in glob.glob(os.path.join(self.directory, f"{step}.orbax-checkpoint-tmp*")):
                 shutil.rmtree(tmp, ignore_errors=True)
             partial = os.path.join(self.directory, str(step))
             if os.path.isdir(partial) and step_problem(partial) is not None:
                 shutil.rmtree(partial, ignore_errors=True)
-        # Orbax keeps a failed async save's error and step list; start from the directory.
-        try:
-            self.manager.close()
-        except Exception:  # the same error again
-            pass
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("deepseek_jax.checkpoint.failed_save_removed")
         self.manager = self._open()
         newest = self.latest_step()
         newest = "none yet" if newest is None else f"step {newest}"
@@ -384,6 +465,22 @@ class Checkpointer:
                 f"{why}); stopping. The newest checkpoint is {newest}: free space or fix "
                 "permissions, then run again to resume (train.max_save_failures sets the limit)"
             )
+
+    def _close_manager(self) -> None:
+        """Close the manager, also after a failed save, with nothing of Orbax left running."""
+        try:
+            self.manager.close()
+        except Exception:
+            # Orbax raises a failed save's error once per waiting thread, from the first step of
+            # close(); called again, it closes the rest.
+            try:
+                self.manager.close()
+            except Exception:
+                pass
+        _join_orbax_writers()
+        # The failed save's futures hold its error; asyncio reports those never awaited when
+        # they are collected. Collect them now, with the failure, rather than at exit.
+        gc.collect()
 
     def _rotate(self) -> None:
         """Keep the newest `keep` complete steps; called only after a save has completed."""
@@ -404,13 +501,25 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for the save in flight; CheckpointError if the run's last save failed (the run
         must not look complete when its final state was not written)."""
+        if self._closed:
+            return
         self.poll(wait=True)
-        self.manager.close()
+        self._closed = True
+        self._close_manager()
         if self.failures:
             raise CheckpointError(
                 f"the last checkpoint save in {self.directory} failed (see above); the newest "
                 f"checkpoint is step {self.latest_step()}"
             )
+
+    def abandon(self) -> None:
+        """On the way out after an error: let this process's save in flight end (kept if it
+        completed), then close, reporting nothing and without waiting for other processes
+        (which may be gone). Does nothing after close()."""
+        if self._closed:
+            return
+        self._closed, self._pending = True, None
+        self._close_manager()
 
 
 def abstract_like(state_shardings, state_shapes):

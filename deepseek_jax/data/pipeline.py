@@ -15,7 +15,8 @@ Stages, for a document source (`data.kind` stdlib / text / jsonl / parquet):
 4. Tokenize, append EOS; in `data.num_workers` processes when > 0 (Grain `mp_prefetch`). Workers
    take documents round-robin and their outputs are interleaved back in order, so the stream is
    the same for any number of workers. Packing runs after, in this process (`packing.py`).
-5. Batch `batch_size` rows; the last batch of a finite stream is filled with padding rows.
+5. Shuffle packed train rows within windows of `data.shuffle_window` rows (when > 1).
+6. Batch `batch_size` rows; the last batch of a finite stream is filled with padding rows.
 
 kind=synthetic wraps `train.synthetic.MarkovTokens` (rows [i*B, (i+1)*B) of the global batch of
 each step; the eval split uses steps from 2**40 on) behind the same interface; it never ends
@@ -37,6 +38,7 @@ from typing import Literal
 import grain
 import numpy as np
 from absl import flags
+from grain.experimental import WindowShuffleIterDataset
 
 from deepseek_jax.config import DataConfig, ModelConfig
 from deepseek_jax.data.packing import PackedRows, StackRows, pack_documents
@@ -206,6 +208,10 @@ def make_dataset(
     ds = _prefetch(ds.to_iter_dataset(read), data)
     ds = pack_documents(ds, seq_len + 1)
     ds = ds.map(PackedRows(tokenizer.pad_id, data.cross_document_attention))
+    if split == "train" and data.shuffle and data.shuffle_window > 1:
+        # Its state is the packer's state at the window's start (JSON-safe, see packing.py)
+        # plus a position: a restore refills the window and skips what was already read.
+        ds = WindowShuffleIterDataset(ds, window_size=data.shuffle_window, seed=data.seed)
     return ds.batch(batch_size, batch_fn=StackRows(batch_size, seq_len, tokenizer.pad_id))
 
 

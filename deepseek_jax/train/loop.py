@@ -22,7 +22,7 @@ import tqdm
 
 from deepseek_jax import sharding
 from deepseek_jax.checkpoint import Checkpointer, abstract_like
-from deepseek_jax.checkpoint.training import state_is_finite
+from deepseek_jax.checkpoint.training import NonFiniteState
 from deepseek_jax.config import Config, ConfigError, to_dict
 from deepseek_jax.data import make_iterator, make_source
 from deepseek_jax.errors import DataError, Diverged, Interrupted, Preempted
@@ -258,7 +258,9 @@ def _train(cfg: Config, log: Callable[[str], None] | None, signals: StopSignals)
                 batch = to_global(next(train_iter), trainer.batch_sharding, tc.batch_size)
                 state, metrics = step_fn(state, batch)
                 step += 1
-                ckpt.poll()  # reports a failed background save as soon as it has failed
+                # A failed background save is reported here, at the first step boundary after
+                # its write has ended (see Checkpointer.poll).
+                ckpt.poll()
                 bar.update(1)
                 guard.watch(step, metrics)
                 guard.settle(newest_too=False)  # the previous step, while this one runs
@@ -295,9 +297,9 @@ def _train(cfg: Config, log: Callable[[str], None] | None, signals: StopSignals)
                 if stopping:
                     break
             guard.settle()
+        ckpt.close()  # waits for the last save; CheckpointError if it failed
     except Diverged as e:
-        bar.close()
-        ckpt.close()  # saves already started are good ones: let them finish
+        ckpt.abandon()  # saves already started are good ones: let them finish
         newest = ckpt.latest_step()
         where = (
             f"the newest checkpoint is step {newest} in {ckpt.directory}"
@@ -313,7 +315,9 @@ def _train(cfg: Config, log: Callable[[str], None] | None, signals: StopSignals)
         bar.close()
         if writer is not None:
             writer.close()
-    ckpt.close()
+        # After any error too: nothing of Orbax is left running (or printing) when the error
+        # reaches the CLI's one line and the interpreter exits.
+        ckpt.abandon()
     if stopping:
         name = NAMES.get(stopping, f"signal {stopping}")
         kind = Preempted if stopping == signal.SIGTERM else Interrupted
@@ -328,16 +332,16 @@ def _train(cfg: Config, log: Callable[[str], None] | None, signals: StopSignals)
 
 
 def _save(ckpt: Checkpointer, step: int, state, cfg: Config, train_iter) -> None:
-    """Save `state` (asynchronously), never one holding a non-finite value."""
-    # The Checkpointer would refuse the save too; a non-finite state also ends the run.
-    if not state_is_finite(state):
+    """Save `state` (asynchronously); a state holding a non-finite value ends the run."""
+    try:
+        # Decided here rather than by Orbax, which would also save the first step.
+        ckpt.save(step, state, cfg, train_iter, force=True)
+    except NonFiniteState:  # the Checkpointer's check, the only one: nothing was written
         raise Diverged(
             f"training diverged: the state at step {step} holds non-finite values although "
             "every applied step had a finite loss and gradient norm (an update overflowed)",
             step,
-        )
-    # Decided here rather than by Orbax, which would also save the first step.
-    ckpt.save(step, state, cfg, train_iter, force=True)
+        ) from None
 
 
 def _announce_schedule_change(ckpt: Checkpointer, step: int, cfg: Config, log) -> None:

@@ -21,6 +21,18 @@ def learning_rate(cfg: TrainConfig, step: jax.Array) -> jax.Array:
     return jnp.where(step < cfg.warmup_steps, cfg.learning_rate * warm, cosine)
 
 
+def bias_gamma(cfg: TrainConfig, step: jax.Array) -> jax.Array:
+    """The router-bias step γ at `step`: bias_gamma, or with bias_gamma_final set, a cosine from
+    bias_gamma at step 0 down to bias_gamma_final at cfg.steps (no warmup: the biases must catch
+    up with the router from the first steps, when it moves fastest)."""
+    if cfg.bias_gamma_final is None:
+        return jnp.float32(cfg.bias_gamma)
+    progress = jnp.clip(jnp.asarray(step, jnp.float32) / max(cfg.steps, 1), 0.0, 1.0)
+    return cfg.bias_gamma_final + 0.5 * (cfg.bias_gamma - cfg.bias_gamma_final) * (
+        1 + jnp.cos(jnp.pi * progress)
+    )
+
+
 def decay_mask(param_axes: dict) -> dict:
     """Weight decay on matrices only: not on norm scales (one axis besides 'layers') or biases.
 

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from deepseek_jax.checkpoint.training import check_directory
 from deepseek_jax.config import TrainConfig
 from deepseek_jax.errors import RunDirError
 
@@ -37,23 +38,9 @@ def _has_metrics(run_dir: str) -> bool:
 
 
 def check_writable(run_dir: str) -> None:
-    """Raise RunDirError unless `run_dir` is (or can be made) a writable folder."""
-    key = f"train.run_dir={run_dir}"
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise RunDirError(f"{key} is a file, not a folder: choose another train.run_dir")
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as e:
-        raise RunDirError(f"{key} cannot be created ({e.strerror}): choose another") from e
-    probe = os.path.join(run_dir, f".write-test-{jax.process_index()}-{os.getpid()}")
-    try:
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise RunDirError(
-            f"{key} is not writable ({e.strerror}): fix its permissions or choose another"
-        ) from e
+    """Raise RunDirError unless `run_dir` is (or can be made) a writable folder (the checkpoint
+    package's check, which the checkpoint directory gets too, with its room)."""
+    check_directory(run_dir, label=f"train.run_dir={run_dir}", error=RunDirError)
 
 
 def prepare(tc: TrainConfig, log) -> None:

@@ -28,7 +28,7 @@ from deepseek_jax.model import DeepSeek
 from deepseek_jax.model.moe import RouterBias
 from deepseek_jax.runtime import Runtime
 from deepseek_jax.train.loss import loss_sums
-from deepseek_jax.train.optim import learning_rate, make_optimizer
+from deepseek_jax.train.optim import bias_gamma, learning_rate, make_optimizer
 
 Batch = dict[str, jax.Array]  # tokens, targets, loss_mask [B, T]; optional segment_ids
 
@@ -215,7 +215,7 @@ class Trainer:
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        router_bias = update_router_bias(state.router_bias, aux["load"], tc.bias_gamma)
+        router_bias = update_router_bias(state.router_bias, aux["load"], bias_gamma(tc, state.step))
 
         sums = aux["sums"]
         n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
@@ -228,6 +228,7 @@ class Trainer:
             "z_loss": sums["z"] / n_tokens,
             "grad_norm": grad_norm,
             "learning_rate": learning_rate(tc, state.step),
+            "bias_gamma": bias_gamma(tc, state.step),
             "mtp_lambda": jnp.where(
                 state.step < tc.mtp_lambda_switch_step, tc.mtp_lambda, tc.mtp_lambda_final
             ),
@@ -292,7 +293,7 @@ class Trainer:
         return self._step_fn
 
 
-def update_router_bias(router_bias: dict, load_le: jax.Array, gamma: float) -> dict:
+def update_router_bias(router_bias: dict, load_le: jax.Array, gamma: float | jax.Array) -> dict:
     """b_i += γ·sign(mean(c) − c_i) per MoE layer (SPEC §3).
 
     Rows of `load_le` follow the layer order, main MoE layers then MTP blocks, which is also the

@@ -4,7 +4,7 @@ whose compilations are cached on disk, so that the many short runs here compile 
 
 from __future__ import annotations
 
-import json
+import importlib.util
 import os
 import pathlib
 import subprocess
@@ -12,19 +12,23 @@ import sys
 
 import numpy as np
 
+from deepseek_jax.checkpoint.training import step_arrays
+from deepseek_jax.plots import read_metrics
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
-# The tiny recipe cut down: 2 layers, 4 sequences of 32 tokens, fp32, Markov data, quiet.
-TINY = [
-    "model.num_layers=2",
-    "runtime.compute_dtype=float32",
-    "train.seq_len=32",
-    "train.batch_size=4",
-    "data.kind=synthetic",
-    "train.eval_every=0",
-    "train.tensorboard=false",
-    "train.progress_bar=false",
-    "train.peak_flops_per_device=1e11",
-]
+
+
+def load_soak():
+    """bench/soak.py as a module (a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("soak", REPO / "bench" / "soak.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# The soak's small shapes: the tiny recipe cut down to 2 layers, 4 sequences of 32 tokens, fp32,
+# Markov data, quiet.
+TINY = list(load_soak().SMALL)
 
 # For `deepseek-jax train` called in the pytest process, which has 8 CPU devices (mesh.fsdp=-1
 # takes them all): a batch they divide.
@@ -66,8 +70,7 @@ def run_train(cache_dir, *overrides: str, timeout: float = 600) -> subprocess.Co
 
 
 def metrics(run_dir) -> list[dict]:
-    with open(pathlib.Path(run_dir) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_metrics(run_dir)
 
 
 def checkpoint_steps(run_dir) -> list[int]:
@@ -77,14 +80,7 @@ def checkpoint_steps(run_dir) -> list[int]:
 
 def checkpoint_arrays(run_dir, step: int) -> dict[str, np.ndarray]:
     """Every array of the train state saved at `step`."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    path = pathlib.Path(run_dir) / "checkpoints" / str(step) / "state"
-    with ocp.StandardCheckpointer() as ckptr:
-        tree = ckptr.restore(path)
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+    return step_arrays(str(pathlib.Path(run_dir) / "checkpoints" / str(step)))
 
 
 def assert_all_finite(run_dir) -> None:

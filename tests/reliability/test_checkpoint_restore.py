@@ -142,10 +142,11 @@ def test_full_disk_keeps_the_newest_good_checkpoint_and_stops_after_n_failures(t
         subprocess.run(["umount", str(disk)], check=False)
 
 
-def test_a_failed_background_write_is_reported_at_once_and_retried(tmp_path):
+def test_a_failed_background_write_is_reported_at_once_and_retried(tmp_path, jax_cache):
     """Every checkpoint data file is bigger than the limit, so every asynchronous save fails
-    inside Orbax's background thread; the run reports each one before its next step's line,
-    removes its temporary directory, and stops after train.max_save_failures."""
+    inside Orbax's background thread; the run reports each one at the first step boundary after
+    the write ended (at the latest before the next save starts), removes its temporary
+    directory, stops after train.max_save_failures, and its stderr ends with its one line."""
     run = tmp_path / "run"
     cmd = train_cmd(
         "train.steps=8",
@@ -154,10 +155,11 @@ def test_a_failed_background_write_is_reported_at_once_and_retried(tmp_path):
         "train.async_checkpointing=true",
         f"train.run_dir={run}",
     )
-    # Writes past 512 KiB fail with EFBIG; SIGXFSZ ignored so that the process is not killed.
+    # Writes past 512 KiB fail with EFBIG (Python ignores SIGXFSZ; the trap makes it explicit).
+    # The compilation cache is only read here: its writes may fail too, with a warning.
     limited = ["bash", "-c", 'trap "" XFSZ; ulimit -f 512; exec "$@"', "bash", *cmd]
     result = subprocess.run(
-        limited, cwd=REPO, env=env(None), capture_output=True, text=True, timeout=900
+        limited, cwd=REPO, env=env(jax_cache), capture_output=True, text=True, timeout=900
     )
     assert result.returncode == 2, failure(result)
     lines = result.stdout.splitlines()
@@ -167,20 +169,20 @@ def test_a_failed_background_write_is_reported_at_once_and_retried(tmp_path):
         assert f"to {run}/checkpoints failed: " in lines[i]
         # EFBIG: the OS's text, or TensorStore's code for it when the message ends in a spec.
         assert "File too large" in lines[i] or "OUT_OF_RANGE" in lines[i], lines[i]
-        # Checked at every step boundary once the background write has failed, and at the
-        # latest before the next save starts; the step lines in between show training going on.
+        # After the step that saved, and before the step after the next save: when exactly in
+        # between depends on how long the background write takes.
         step = int(lines[i].split()[4])
-        assert any(line.startswith(f"step {step + 1:>6} loss") for line in lines[:i]) or (
-            lines[i - 1].startswith(f"step {step:>6} loss")
-        ), lines
-        print(
-            f"\n[ckpt] background save of step {step} failed; reported after {lines[i - 1][:11]!r}"
-        )
-    # Orbax logs the failed writes' tracebacks to stderr; the run's own error is one line. (At
-    # exit Orbax's background thread may still log a "cannot schedule new futures after
-    # shutdown" traceback after it: a known wart, so the line is looked for, not taken as last.)
-    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("deepseek-jax: error:")]
-    assert len(errors) == 1, result.stderr[-3000:]
-    assert errors[0].startswith("deepseek-jax: error: 3 checkpoint saves in a row failed"), errors
+        step_lines = [n for n, line in enumerate(lines) if line.startswith("step ")]
+        before = [int(lines[n].split()[1]) for n in step_lines if n < i]
+        assert step <= before[-1] <= step + 2, lines
+        print(f"\n[ckpt] background save of step {step} failed; reported after step {before[-1]}")
+    # Orbax logs the failed writes' tracebacks to stderr while the run goes on; the run then
+    # closes Orbax and waits for its writer threads, so its own one-line error comes last.
+    err = result.stderr.splitlines()
+    assert err[-1].startswith("deepseek-jax: error: 3 checkpoint saves in a row failed"), err[-20:]
+    assert sum(ln.startswith("deepseek-jax: error:") for ln in err) == 1
     assert os.listdir(run / "checkpoints") == []  # no temporary directory left behind
-    assert [m["step"] for m in metrics(run)][:6] == list(range(1, 7))
+    # Steps went on after each failure; the third stops the run at step 7 or 8, before the
+    # stopping step is logged when noticed between steps.
+    steps = [m["step"] for m in metrics(run)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 6, steps

@@ -117,4 +117,4 @@ def test_sigterm_and_sigint_save_and_exit_with_their_codes(tmp_path, jax_cache):
     assert steps[0] == saved and steps[-1] > saved
     assert f"SIGINT: saved a checkpoint at step {steps[-1]}" in err
     assert [m["step"] for m in metrics(run)] == list(range(1, steps[-1] + 1))
-    assert not any(name.startswith(".write-test") for name in os.listdir(run))
+    assert not any(name.startswith(".write-probe") for name in os.listdir(run))

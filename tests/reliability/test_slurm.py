@@ -147,7 +147,7 @@ def wait(env, job, until, timeout=900) -> dict:
 @needs_slurm
 def test_sbatch_trains_and_a_requeued_job_resumes_to_the_same_losses(cluster):
     env, d = cluster
-    steps = 30  # long enough for the requeue to land mid-run
+    steps = 16  # long enough for the requeue to land mid-run (asserted below)
     job, run = submit(env, d, steps)
     state = wait(env, job, lambda s: s.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"))
     log = (d / f"{job}.out").read_text()
