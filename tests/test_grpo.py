@@ -229,12 +229,12 @@ def test_top_k_top_p_rollouts_sample_the_filtered_distribution():
 
 def test_killed_run_resumes_with_its_step_and_optimizer(tmp_path):
     """A run killed after its step-1 checkpoint resumes there (update counter, Adam moments,
-    reference for β > 0) and its steps 2-3 match an uninterrupted run's. One trainer serves the
+    reference for β > 0) and its step 2 matches an uninterrupted run's. One trainer serves the
     three runs (its compiled functions are reused: only the run directory differs)."""
     from deepseek_jax.post.grpo_loop import make_trainer, run_grpo
 
     overrides = (
-        "grpo.steps=3",
+        "grpo.steps=2",
         "grpo.checkpoint_every=1",
         "grpo.inner_updates=2",
         "grpo.beta=0.05",
@@ -264,7 +264,7 @@ def test_killed_run_resumes_with_its_step_and_optimizer(tmp_path):
         return [json.loads(line) for line in path.read_text().splitlines()]
 
     a, b = metrics("whole"), metrics("killed")
-    assert [m["step"] for m in b] == [1, 2, 3]
+    assert [m["step"] for m in b] == [1, 2]
     for m1, m2 in zip(a, b, strict=True):
         assert m1["reward_mean"] == m2["reward_mean"]
         for key in ("loss", "kl", "grad_norm", "learning_rate"):
