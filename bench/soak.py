@@ -8,10 +8,10 @@ uninterrupted run ends: the same loss at every step and bitwise the same final p
 
 Each start of `deepseek-jax train` (tiny model, small shapes, Markov data) is interrupted at a
 random step: by SIGTERM (the run must save and exit 75), by SIGKILL at a random moment, or by
-SIGKILL right after a checkpoint step is logged, when the asynchronous save is usually still in
-flight. The next start resumes from the newest checkpoint. Printed: steps, restarts survived per
-kind, kills that hit a save in progress, steps lost (run again after a SIGKILL), whether every
-logged loss and the final parameters equal the uninterrupted run's.
+SIGKILL while a checkpoint is being written (once its temporary folder has appeared). The next
+start resumes from the newest checkpoint. Printed: steps, restarts survived per kind, kills that
+hit a save in progress, steps lost (run again after a SIGKILL), whether every logged loss and the
+final parameters equal the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -159,7 +159,13 @@ def soak(
                 target = start + rng.randint(1, max(1, (steps - 1 - start) // (left + 1)))
             if target < steps and run.wait_for_step(target, step_timeout):
                 if kind == "sigkill_saving":
-                    time.sleep(rng.uniform(0.0, 0.05))
+                    # The save starts after the step's line (a finiteness check first): wait
+                    # for its temporary folder, up to a few seconds, then kill at a random
+                    # moment of the write.
+                    end = time.monotonic() + 5.0
+                    while not saving_now(interrupted) and time.monotonic() < end:
+                        time.sleep(0.002)
+                    time.sleep(rng.uniform(0.0, 0.02))
                     figures["killed_while_saving"] += saving_now(interrupted)
                 signum = signal.SIGTERM if kind == "sigterm" else signal.SIGKILL
                 run.proc.send_signal(signum)

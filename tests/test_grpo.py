@@ -4,6 +4,8 @@ key, and a short run on the shipped task's prompts raises the mean reward."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -182,3 +184,89 @@ def test_speculative_rollouts_report_acceptance():
     assert 0 <= groups.stats["spec_acceptance_rate"] <= 1
     assert all(0 < len(c) <= 12 for c in groups.completions)
     assert groups.stats["rollout_tokens"] == sum(map(len, groups.completions))
+
+
+def test_top_k_top_p_rollouts_sample_the_filtered_distribution():
+    """Rollouts with top-k and top-p draw from the filtered, renormalized temperature-scaled
+    distribution, while their log-probs stay the full softmax's: the π_old the trainer's ratio
+    takes (its own recomputation, `completion_logps`), not the filtered one."""
+    from deepseek_jax.generate.sampling import filter_logits
+    from deepseek_jax.post.grpo import completion_logps
+    from deepseek_jax.post.rollout import sample_completions
+
+    trainer = GRPOTrainer(post())
+    state = random_train_state(trainer, std=0.5)  # peaked enough for the filters to matter
+    model = trainer.policy(state)
+    prompt = trainer.encode([trainer.task.problem(3, 4)])[0]
+    temperature, top_k, top_p, n = 0.7, 8, 0.8, 4096
+    roll = sample_completions(
+        model,
+        [prompt] * n,
+        1,
+        key=jax.random.key(0),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    )
+    tokens = np.asarray([c[0] for c in roll.completions])
+    logits_v = model.forward(jax.numpy.asarray([prompt]), with_mtp=False).logits[0, -1]
+    kept_v = np.asarray(jax.nn.softmax(filter_logits(logits_v / temperature, top_k, top_p)))
+    # The trainer's log-probs over the vocabulary at this position ([B=1, T=1, V]).
+    logp_11v, _ = completion_logps(logits_v[None, None], tokens[None, :1], temperature)
+    full_logp_v = np.asarray(logp_11v[0, 0])
+    assert 2 <= (kept_v > 0).sum() < top_k  # both filters cut something
+    assert set(tokens) <= set(np.flatnonzero(kept_v))
+    freq_v = np.bincount(tokens, minlength=len(kept_v)) / n
+    # 4 standard errors of a frequency from n draws
+    np.testing.assert_array_less(
+        np.abs(freq_v - kept_v), 4 * np.sqrt(kept_v * (1 - kept_v) / n) + 1e-9
+    )
+    rollout_logp = np.asarray([lp[0] for lp in roll.logps])
+    np.testing.assert_allclose(rollout_logp, full_logp_v[tokens], atol=1e-5)
+    # ... which is not the filtered distribution's log-prob (that one is larger by -log(mass)).
+    assert np.all(np.log(kept_v[tokens]) - rollout_logp > 0.05)
+
+
+def test_killed_run_resumes_with_its_step_and_optimizer(tmp_path):
+    """A run killed after its step-1 checkpoint resumes there (update counter, Adam moments,
+    reference for β > 0) and its steps 2-3 match an uninterrupted run's. One trainer serves the
+    three runs (its compiled functions are reused: only the run directory differs)."""
+    from deepseek_jax.post.grpo_loop import make_trainer, run_grpo
+
+    overrides = (
+        "grpo.steps=3",
+        "grpo.checkpoint_every=1",
+        "grpo.inner_updates=2",
+        "grpo.beta=0.05",
+        "grpo.eval_every=0",
+        "grpo.eval_problems=4",
+        "grpo.max_new_tokens=8",
+        "train.tensorboard=false",
+    )
+
+    def kill_at_step_2(line: str):
+        if line.startswith("step    2"):  # logged after step 2's update, before its checkpoint
+            raise KeyboardInterrupt
+
+    whole = post(*overrides, f"train.run_dir={tmp_path / 'whole'}")
+    killed = post(*overrides, f"train.run_dir={tmp_path / 'killed'}")
+    trainer = make_trainer(whole)
+    run_grpo(whole, log=lambda line: None, trainer=trainer)
+    with pytest.raises(KeyboardInterrupt):
+        run_grpo(killed, log=kill_at_step_2, trainer=trainer)
+    lines = []
+    summary = run_grpo(killed, log=lines.append, trainer=trainer)
+    assert summary["resumed_at_step"] == 1
+    assert any("at update 2" in line for line in lines)  # 1 step x 2 inner updates
+
+    def metrics(run):
+        path = tmp_path / run / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    a, b = metrics("whole"), metrics("killed")
+    assert [m["step"] for m in b] == [1, 2, 3]
+    for m1, m2 in zip(a, b, strict=True):
+        assert m1["reward_mean"] == m2["reward_mean"]
+        for key in ("loss", "kl", "grad_norm", "learning_rate"):
+            np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert a[-1]["kl"] > 0

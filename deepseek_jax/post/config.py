@@ -42,6 +42,12 @@ class GRPOConfig:
     max_new_tokens: int = 48
     max_prompt_len: int = 16  # rows are max_prompt_len + max_new_tokens long (static shapes)
     temperature: float = 1.0
+    # Rollouts sample from the temperature-scaled policy cut to its top-k tokens / top-p nucleus
+    # (0 / 1.0: off). The GRPO ratio and the logged rollout log-probs stay over the full
+    # temperature-scaled softmax π_θ (see rollout.py), so filtering makes the samples slightly
+    # off-policy for that ratio.
+    top_k: int = 0
+    top_p: float = 1.0
     inner_updates: int = 1  # μ: optimizer updates per batch of rollouts
     advantage_norm: AdvantageNorm = "group"
     eps_low: float = 0.2
@@ -63,6 +69,9 @@ class GRPOConfig:
     seed: int = 0
     task_digits: int = 2
     task_held_out_fraction: float = 0.1
+    # Save the GRPO state (step counter, weights, optimizer, reference) every N steps to
+    # <run_dir>/checkpoints; a run directory holding one is resumed. 0: only at the end.
+    checkpoint_every: int = 10
     eval_every: int = 10  # held-out accuracy every N steps (and at start and end); 0: ends only
     eval_problems: int = 256
     pretrain_steps: int = 0  # brief pretraining on worked solutions first (see `pretrain:`)
@@ -83,6 +92,11 @@ class GRPOConfig:
             _require(getattr(self, name) >= 1, f"{p}.{name}={getattr(self, name)} must be >= 1")
         _require(self.group_size >= 2, f"{p}.group_size={self.group_size} must be >= 2")
         _require(self.temperature > 0, f"{p}.temperature must be > 0 (GRPO samples)")
+        _require(self.top_k >= 0, f"{p}.top_k={self.top_k} must be >= 0 (0: off)")
+        _require(0 < self.top_p <= 1, f"{p}.top_p={self.top_p} must be in (0, 1] (1: off)")
+        _require(
+            self.checkpoint_every >= 0, f"{p}.checkpoint_every={self.checkpoint_every} must be >= 0"
+        )
         _require(0 <= self.eps_low < 1, f"{p}.eps_low={self.eps_low} must be in [0, 1)")
         _require(self.eps_high >= 0, f"{p}.eps_high={self.eps_high} must be >= 0")
         for name in ("beta", "mtp_weight", "reference_refresh_every", "overlong_buffer"):
@@ -118,6 +132,9 @@ class DistillConfig:
     steps: int = 200
     batch_size: int = 32
     seq_len: int = 64
+    # The SFT learning rate (constant after train.warmup_steps); null: train.learning_rate and
+    # train.min_learning_rate (which a shared config sets for GRPO, far lower than SFT wants).
+    learning_rate: float | None = None
     # Logit distillation (teacher and student share the tokenizer): weight of
     # KL(teacher_T ‖ student_T)·T² on the completion tokens; 0: plain SFT.
     logit_weight: float = 0.0
@@ -133,6 +150,10 @@ class DistillConfig:
         _require(self.logit_weight >= 0, f"{p}.logit_weight must be >= 0")
         _require(self.logit_temperature > 0, f"{p}.logit_temperature must be > 0")
         _require(self.logit_top_k >= 0, f"{p}.logit_top_k must be >= 0")
+        _require(
+            self.learning_rate is None or self.learning_rate > 0,
+            f"{p}.learning_rate={self.learning_rate} must be positive or null",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

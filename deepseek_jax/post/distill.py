@@ -101,7 +101,12 @@ def run_distill(post: PostConfig, log: Callable[[str], None] = print) -> dict:
         raise ConfigError("give distill.teacher (a checkpoint) or distill.traces (a JSONL)")
     run_dir = d.run_dir
     os.makedirs(run_dir, exist_ok=True)
-    cfg = replace(post.base, **{"train.steps": d.steps, "train.batch_size": d.batch_size})
+    changes = {"train.steps": d.steps, "train.batch_size": d.batch_size}
+    if d.learning_rate is not None:
+        changes.update(
+            {"train.learning_rate": d.learning_rate, "train.min_learning_rate": d.learning_rate}
+        )
+    cfg = replace(post.base, **changes)
     tokenizer = make_tokenizer(cfg.data, cfg.model)
     mesh = sharding.make_mesh(cfg.mesh)
     mesh_sharding = sharding.Sharding(mesh, sharding.rules_for(cfg.mesh.rules))

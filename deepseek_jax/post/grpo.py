@@ -38,7 +38,7 @@ from deepseek_jax.post.rewards import RewardSet, accuracy_reward, format_reward,
 from deepseek_jax.post.rollout import pack, sample_completions
 from deepseek_jax.post.tasks import AdditionTask, Problem
 from deepseek_jax.train.loss import mtp_targets, token_ce
-from deepseek_jax.train.optim import learning_rate
+from deepseek_jax.train.optim import bias_gamma, learning_rate
 from deepseek_jax.train.step import Trainer, TrainState, update_router_bias
 
 
@@ -151,7 +151,8 @@ class GRPOTrainer:
         params = optax.apply_updates(state.params, updates)
         router_bias = state.router_bias
         if self.g.router_bias == "update":
-            router_bias = update_router_bias(router_bias, load, self.cfg.train.bias_gamma)
+            gamma = bias_gamma(self.cfg.train, state.step)
+            router_bias = update_router_bias(router_bias, load, gamma)
         loadf = load.astype(jnp.float32)
         metrics.update(
             loss=total,
@@ -254,6 +255,8 @@ class GRPOTrainer:
                 g.max_new_tokens,
                 key=jax.random.fold_in(key, r),
                 temperature=g.temperature,
+                top_k=g.top_k,
+                top_p=g.top_p,
                 eos_id=eos,
                 mesh_sharding=self.mesh_sharding,
                 speculative=g.speculative_rollouts,

@@ -4,8 +4,11 @@ Sampling runs on `deepseek_jax.generate`'s engine (latent-cache prefill and deco
 `sample`), on the training mesh, straight from the trainer's parameters: `batch_inputs` places
 weights by the training rules, which they already have, so nothing is copied. The decode loop
 is `generate`'s own, asked for one more output the trainer needs: the log-probability of each
-sampled token under the distribution it was drawn from (logged beside the trainer's recomputed
-one; SPEC §8).
+sampled token under the temperature-scaled policy (logged beside the trainer's recomputed one;
+SPEC §8). With top-k / top-p the token is drawn from the filtered, renormalized distribution, but
+its log-prob stays the unfiltered policy's: that is π_old in the ratio π_θ/π_old, which the
+trainer recomputes over the full softmax too, so the two are comparable (and the rollouts are
+slightly off-policy for that ratio; leave the filters off for exact on-policy GRPO).
 With `speculative=True` the MTP module drafts (`speculative_generate`: the same distribution,
 fewer main-model calls); that path records no log-probs.
 
@@ -46,12 +49,16 @@ def sample_completions(
     *,
     key: jax.Array,
     temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     eos_id: int | None = None,
     mesh_sharding: sharding.Sharding | None = None,
     speculative: bool = False,
 ) -> Rollouts:
     """One completion per prompt row (repeat a prompt G times for a group), sampled at
-    `temperature` from `model` with `deepseek_jax.generate`'s engine."""
+    `temperature` (cut to `top_k` / `top_p` when set) from `model` with
+    `deepseek_jax.generate`'s engine. The log-probs are over the unfiltered temperature-scaled
+    softmax whatever the filter (the distribution the GRPO ratio uses)."""
     start = time.perf_counter()
     stats: dict[str, float] = {}
     if speculative:
@@ -61,6 +68,8 @@ def sample_completions(
             max_new_tokens,
             key=key,
             temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
             eos_id=eos_id,
             mesh_sharding=mesh_sharding,
         )
@@ -75,8 +84,8 @@ def sample_completions(
             key,
             max_new_tokens=int(max_new_tokens),
             temperature=float(temperature),
-            top_k=0,
-            top_p=1.0,
+            top_k=int(top_k),
+            top_p=float(top_p),
             eos_id=None if eos_id is None else int(eos_id),
             cache_dtype=jnp.dtype(jnp.float32),
             with_logps=True,

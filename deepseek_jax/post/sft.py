@@ -23,6 +23,7 @@ from flax import nnx
 from deepseek_jax.generate.sampling import filter_logits
 from deepseek_jax.post.rollout import pack
 from deepseek_jax.train.loss import loss_sums
+from deepseek_jax.train.optim import bias_gamma
 from deepseek_jax.train.step import Trainer, TrainState, update_router_bias
 
 
@@ -91,7 +92,7 @@ def make_distill_step(
         (obj, (lm, kl, load)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = trainer.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        bias = update_router_bias(state.router_bias, load, tc.bias_gamma)
+        bias = update_router_bias(state.router_bias, load, bias_gamma(tc, state.step))
         new = TrainState(step=state.step + 1, params=params, router_bias=bias, opt_state=opt_state)
         return new, {"loss": obj, "lm_loss": lm, "distill_kl": kl}
 

@@ -1,5 +1,5 @@
 """Issue 11 item 8, a short soak (bench/soak.py): an 8-step run interrupted three times (SIGTERM,
-SIGKILL right after a checkpoint step is logged, SIGKILL at a random step) ends with every logged
+SIGKILL at a random step, SIGKILL while a checkpoint is being written) ends with every logged
 loss and the final parameters bitwise equal to an uninterrupted run's (CPU)."""
 
 from __future__ import annotations
