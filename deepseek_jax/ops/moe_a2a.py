@@ -153,7 +153,12 @@ def _layout(experts_nk: jax.Array, n_experts: int, plan: A2APlan) -> _Layout:
     # Row p of the result: what peer p sends to each of this device's experts.
     recv_pl = jax.lax.all_to_all(counts_pl, plan.axes, 0, 0, tiled=True)
     send_p, recv_p = counts_pl.sum(1), recv_pl.sum(1)
-    worst = jax.lax.pmax(jnp.max(send_p), plan.axes)
+    # Every device that meets another inside the rounds' loop must run as many rounds: the
+    # expert peers (the all-to-alls) and, in the backward pass, the devices sharing a weight
+    # shard (each round reduce-scatters the weight gradients over them). Agreeing over the
+    # expert axes alone deadlocked fsdp peers whose expert groups needed different counts.
+    shard_axes = {n for w in plan.weight_axes for names in w for n in names} - set(plan.axes)
+    worst = jax.lax.pmax(jnp.max(send_p), (*plan.axes, *sorted(shard_axes)))
     return _Layout(
         order_m=jnp.argsort(flat_m, stable=True).astype(jnp.int32),
         send_start_p=jnp.cumsum(send_p) - send_p,
