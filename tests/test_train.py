@@ -425,6 +425,7 @@ def test_bias_balancing_unloads_overloaded_experts(ref):
     the last 10 steps below 2.2 in every layer and close the bias gap to < 0.05."""
     cfg = base_cfg(
         "train.bias_gamma=0.01",
+        "train.bias_gamma_final=null",  # γ constant, as stated (tiny's recipe decays it)
         "train.learning_rate=1e-9",
         "train.min_learning_rate=0",
         "train.warmup_steps=0",
