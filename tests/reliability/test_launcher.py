@@ -60,10 +60,15 @@ def worker_pids(launcher_pid: int) -> dict[int, int]:
     )
     pids = {}
     for pid in map(int, out.stdout.split()):
-        with open(f"/proc/{pid}/cmdline") as f:
-            args = f.read().split("\0")
-        index = next(int(a.split("=")[1]) for a in args if a.startswith("--process-id="))
-        pids[index] = pid
+        try:
+            with open(f"/proc/{pid}/cmdline") as f:
+                args = f.read().split("\0")
+        except FileNotFoundError:
+            continue
+        # A child between fork and exec still shows the launcher's command line: not a worker yet.
+        index = next((int(a.split("=")[1]) for a in args if a.startswith("--process-id=")), None)
+        if index is not None:
+            pids[index] = pid
     return pids
 
 
@@ -150,6 +155,7 @@ def test_a_failed_save_stops_every_process_with_one_line(preempted, tmp_path):
         workers = {}
         while len(workers) < 2 and proc.poll() is None:
             workers = worker_pids(proc.pid)
+            time.sleep(0.05)
         for pid in workers.values():  # long before their first save: they have yet to compile
             resource.prlimit(pid, resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))
         out, _ = proc.communicate(timeout=600)
