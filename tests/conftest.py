@@ -8,6 +8,11 @@ The flag affects only the host (CPU) platform; a GPU or TPU backend is unchanged
 
 import os
 
+# With libtpu installed (for the plan tests) every process that starts JAX's backends takes
+# libtpu's lockfile, and a second one fails to load it: the suite runs on several pytest
+# workers (pytest-xdist), each of which, and the training runs they start, may load it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 _FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()

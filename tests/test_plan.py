@@ -66,7 +66,7 @@ def _independent_memory(overrides: list[str]):
 
 
 def test_plan_tiny_memory_is_the_executables():
-    result = plan("tiny", "v5p-8", TINY)
+    result = plan("tiny", "v5p-8", TINY, memory_report=10)
     assert result.fits and result.chips == 4 and result.chip == "v5p"
     assert result.mesh == {"data": 1, "fsdp": 2, "expert": 2, "tensor": 1}
     text = format_result(result)
@@ -107,6 +107,46 @@ def test_plan_tiny_memory_is_the_executables():
     )
     assert "per MoE layer (1 layers)" in text
     assert "fits: yes" in text
+    # --memory-report: the temporaries' largest slots from XLA's own buffer assignment.
+    report = result.memory_report
+    assert len(report) == 10 and "largest slots of the temporaries" in text
+    assert [r["bytes"] for r in report] == sorted((r["bytes"] for r in report), reverse=True)
+    assert 0 < sum(r["bytes"] for r in report) <= result.memory["temp_size_in_bytes"]
+    assert all(re.search(r"(bf16|f32|s32|u32|pred)\[", r["shapes"]) for r in report)
+
+
+def test_memory_report_reads_the_biggest_hbm_allocation(tmp_path):
+    """XLA's memory-usage report: HBM ("default") allocations only, the biggest one, by size."""
+    (tmp_path / "module_0001.jit_step.after_optimizations-memory-usage-report.txt").write_text(
+        """Memory Space: default (color=0)
+Total bytes: 3221225472 (3.00GiB)
+  cumulative_size;       size;       offset; used_by_n_values; shapes_list
+  ------------------------------------------------------------
+    1.00GiB( 50%);    1.00GiB;            0;                2; f32[32,7168,2048], bf16[4,8]
+    2.00GiB(100%);    1.00GiB;   1073741824;                1; bf16[32,7168,2048]
+    2.00GiB(100%);   512.0KiB;   2147483648;                3; 3×f32[128]
+  The rest 9 values are less than 5% of the total size and not shown.
+
+  cumulative_size;       size;       offset; used_by_n_values; shapes_list
+  ------------------------------------------------------------
+    1.00GiB(100%);    1.00GiB;            0;                1; f32[129280,2048]
+
+Memory Space: vmem (color=1)
+Total bytes: 8589934592 (8.00GiB)
+  cumulative_size;       size;       offset; used_by_n_values; shapes_list
+  ------------------------------------------------------------
+    8.00GiB(100%);    8.00GiB;            0;                1; f32[1024,1024,2048]
+"""
+    )
+    from deepseek_jax.plan.compile import read_memory_report
+
+    rows = read_memory_report(str(tmp_path), 2)
+    assert rows == [
+        {"bytes": 2.0**30, "values": 2, "shapes": "f32[32,7168,2048], bf16[4,8]"},
+        {"bytes": 2.0**30, "values": 1, "shapes": "bf16[32,7168,2048]"},
+    ]
+    assert len(read_memory_report(str(tmp_path), 10)) == 3
+    assert read_memory_report(str(tmp_path / "missing"), 10) == []
 
 
 def test_collective_parser_on_a_hand_made_program():

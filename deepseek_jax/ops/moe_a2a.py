@@ -22,18 +22,21 @@ zero-padded [P, B, D] buffers does the same (identical results: the receiver ign
 Expert weights arrive as this device's shard of its experts: split over the expert axes along
 E, and, as the rules preset stores them, over the other mesh axes (fsdp) along D or F. Each
 dispatch all-gathers them whole (compute dtype) just before use, and the backward pass
-reduce-scatters their gradients straight back to shards in fp32 (`gather_weight` /
-`scatter_grad`). Handing whole weights to `shard_map` instead made every device keep its
+reduce-scatters their gradients straight back to shards (`gather_weight` / `scatter_grad`), in the
+compute dtype as XLA's SPMD partitioner does for every other weight, then accumulates the shards
+in fp32. Handing whole weights to `shard_map` instead made every device keep its
 experts' whole gradients (fp32 in the rounds' loop: E/P·3·D·F·4 bytes, 5.25 GiB per MoE layer
 for V3 at expert 8) and sum them with an all-reduce over fsdp; one V3 MoE layer's temporaries
-at fsdp 32 x expert 8 went from 18.9 to 9.5 GiB (bench/plan_moe_layer.py).
+at fsdp 32 x expert 8 went from 18.9 to 9.5 GiB (bench/plan_moe_layer.py). Converting the whole
+gradients to fp32 before the reduce-scatter cost another E/P·3·D·F·4 bytes of transient memory
+(5.25 GiB per layer for V3 at expert 8); they are summed in the compute dtype instead.
 
 Differentiation: a `while_loop` cannot be reverse-differentiated, and saving every round's
 residuals would bring back worst-case memory, so the whole exchange is one `custom_vjp` whose
 residuals are only its inputs (the weight shards, not the gathered weights). The backward pass
 replays the rounds: it sends each row's input and its output cotangent (w · dy, in the compute
 dtype) to the expert owner, which recomputes the SwiGLU, takes its VJP (expert weight gradients
-are reduce-scattered each round into fp32 shards), and sends back d(input row) and the
+are reduce-scattered each round, then accumulated as fp32 shards), and sends back d(input row) and the
 recomputed output row (for d(w) = <output, dy>).
 """
 
@@ -85,8 +88,9 @@ def scatter_grad(g: jax.Array, axes: WeightAxes) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def gathered(w: jax.Array, axes: WeightAxes) -> jax.Array:
-    """`gather_weight` whose gradient is reduce-scattered in fp32 (then cast to w's dtype), not
-    summed in the compute dtype."""
+    """`gather_weight` whose gradient is reduce-scattered in its own dtype: w's (the compute
+    dtype), as the SPMD partitioner sums the gradients of the model's other gathered weights. An
+    fp32 sum would first hold the whole fp32 gradient (E/P·D·F·4 bytes per weight)."""
     return gather_weight(w, axes)
 
 
@@ -95,7 +99,7 @@ def _gathered_fwd(w, axes):
 
 
 def _gathered_bwd(axes, _, g):
-    return (scatter_grad(g.astype(jnp.float32), axes).astype(g.dtype),)
+    return (scatter_grad(g, axes),)
 
 
 gathered.defvjp(_gathered_fwd, _gathered_bwd)
@@ -328,12 +332,12 @@ def _bwd(plan, residuals, dy_nd):
         # d(w) = <out, dy> as in the local dispatch (out cast to fp32 first).
         dw_pb = jnp.sum(back[..., d:].astype(jnp.float32) * dy_pbd, axis=-1)
         dw_m = dw_m.at[pair_m].add(dw_pb.reshape(-1), mode="drop")
-        # Each round's weight gradients go straight back to fp32 shards: no device holds its
-        # experts' whole fp32 gradients. The barrier keeps XLA from moving the reduce-scatter
+        # Each round's weight gradients go straight back to shards (summed in the compute dtype,
+        # accumulated in fp32): no device holds its experts' whole fp32 gradients. The barrier keeps XLA from moving the reduce-scatter
         # out of the loop (it would rather accumulate whole gradients and scatter once).
         dg, du, dd = jax.lax.optimization_barrier(
             tuple(
-                scatter_grad(g.astype(jnp.float32), a)
+                scatter_grad(g, a).astype(jnp.float32)
                 for g, a in zip((dg, du, dd), plan.weight_axes, strict=True)
             )
         )

@@ -34,6 +34,13 @@ def add_plan_parser(sub) -> None:
     p.add_argument("--context", type=int, help="--generate: latent cache length in tokens")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--hlo-out", metavar="FILE", help="write the compiled HLO text here")
+    p.add_argument(
+        "--memory-report",
+        type=int,
+        default=0,
+        metavar="N",
+        help="list the N largest temporaries from XLA's buffer assignment (what fills HBM)",
+    )
     p.set_defaults(func=plan_command)
 
 
@@ -84,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
                     batch=args.batch,
                     context=args.context,
                     hlo_out=args.hlo_out,
+                    memory_report=args.memory_report,
                 )
             )
     if args.json:

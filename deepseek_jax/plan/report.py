@@ -71,6 +71,8 @@ class PlanResult:
     roofline: Roofline | None = None
     peak_flops: float = 0.0
     shape: dict[str, int] = dataclasses.field(default_factory=dict)  # batch/seq or batch/context
+    # --memory-report: the largest slots of the temporaries (plan/compile.py: read_memory_report)
+    memory_report: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def total_bytes(self) -> float | None:
@@ -152,6 +154,14 @@ def format_result(r: PlanResult) -> str:
         f"    {'HBM (compiler limit / docs)':<34}{_gib(r.hbm_compiler_bytes):>14} / "
         f"{_gib(r.hbm_doc_bytes)}"
     )
+    if r.memory_report:
+        lines.append(
+            "    largest slots of the temporaries (XLA buffer assignment; values whose "
+            "lifetimes do not overlap share a slot):"
+        )
+        for row in r.memory_report:
+            shapes = row["shapes"] if len(row["shapes"]) <= 110 else row["shapes"][:107] + "..."
+            lines.append(f"      {_gib(row['bytes']):>12}  {row['values']:>4} x  {shapes}")
     if r.fits:
         lines.append(f"    fits: yes, the TPU compiler accepts it; headroom {r.headroom:.1%}")
     else:

@@ -58,12 +58,14 @@ def plan(
     batch: int | None = None,
     context: int | None = None,
     hlo_out: str | None = None,
+    memory_report: int = 0,
 ) -> PlanResult:
     """Compile the train step (or, with `generate`, one decode step) of `config` for `topology`.
 
     Train: the batch is `train.batch_size` sequences of `train.seq_len` tokens (set them with
     overrides). Generate: `batch` rows each attending to a latent cache of `context` tokens.
-    `hlo_out`: a file to write the compiled HLO text to (when it fits).
+    `hlo_out`: a file to write the compiled HLO text to (when it fits). `memory_report`: list
+    that many of the largest temporaries from XLA's buffer assignment.
     """
     cfg = load_config(config, list(overrides))
     topo = parse_topology(topology) if isinstance(topology, str) else topology
@@ -83,7 +85,7 @@ def plan(
         model_flops = train_flops_per_token(cfg.model, t) * b * t
         tokens = b * t
         factor = _recompute_factor(remat_of(cfg))
-    compiled = compile_program(program.lowered, program.n_devices)
+    compiled = compile_program(program.lowered, program.n_devices, memory_report)
     if hlo_out and compiled.hlo_text:
         with open(hlo_out, "w") as f:
             f.write(compiled.hlo_text)
@@ -106,6 +108,7 @@ def plan(
         hbm_compiler_bytes=compiled.compiler_hbm_limit or compiler_hbm_limit(devices),
         compiler_required_bytes=compiled.compiler_hbm_used,
         error=compiled.error,
+        memory_report=compiled.memory_report,
         peak_flops=topo.chip.peak_bf16_flops,
         shape=shape,
     )
