@@ -177,6 +177,20 @@ def test_collective_parser_on_a_hand_made_program():
     assert reduce.executions >= 1
     assert reduce.traffic_bytes == pytest.approx(reduce.buffer_bytes * 2 * 3 / 4)
     assert (None not in [t for _, t in s.loops]) and 5 in [t for _, t in s.loops]
+    # A Pallas kernel's attributes span lines (splash attention's kernel_metadata JSON), and the
+    # continuation starts with "}}": before the ENTRY's loop it once hid the rest of the ENTRY.
+    lines = hlo.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("ENTRY")) + 1
+    lines[at:at] = [
+        "  %kernel = f32[8]{0} custom-call(), custom_call_target=\"tpu_custom_call\", "
+        "frontend_attributes={kernel_metadata={",
+        '"xprof_metadata":"{\\"block_q\\": 256}"',
+        '}}, metadata={op_name="jit(f)/attention/pallas_call"}',
+    ]
+    spliced = summarize("\n".join(lines), 4)
+    assert spliced.loops == s.loops
+    assert spliced.collectives == s.collectives
+    assert spliced.hbm_bytes == s.hbm_bytes + 8 * 4  # the kernel writes its f32[8] result
 
 
 def test_plan_cli_does_not_fit_exits_nonzero_with_json(capsys):

@@ -153,13 +153,35 @@ class Module:
     by_name: dict[str, Instr]
 
 
+def _logical_lines(text: str) -> list[str]:
+    """The module's lines with each instruction whole: an attribute may span lines (a Pallas
+    kernel's `frontend_attributes={kernel_metadata={` + a JSON line + `}}, metadata=...`), and a
+    continuation line that starts with `}` must neither end the computation nor lose the rest of
+    the instruction. A computation ends at a line that is only `}`."""
+    out: list[str] = []
+    for line in text.splitlines():
+        starts = (
+            not out
+            or line.rstrip() == "}"
+            or _INSTR.match(line)
+            or _COMP.match(line)
+            or not line.strip()
+            or line.startswith("HloModule")
+        )
+        if starts or out[-1].rstrip() == "}" or not out[-1].strip():
+            out.append(line)
+        else:
+            out[-1] += " " + line.strip()
+    return out
+
+
 def parse_module(text: str) -> Module:
     computations: dict[str, list[Instr]] = {}
     types: dict[str, str] = {}
     by_name: dict[str, Instr] = {}
     fused: set[str] = set()
     entry, current = "", None
-    for line in text.splitlines():
+    for line in _logical_lines(text):
         m = _COMP.match(line)
         if m:
             current = m.group(2)
@@ -169,7 +191,7 @@ def parse_module(text: str) -> Module:
             continue
         if current is None:
             continue
-        if line.startswith("}"):
+        if line.rstrip() == "}":
             current = None
             continue
         m = _INSTR.match(line)
