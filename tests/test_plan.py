@@ -182,7 +182,7 @@ def test_collective_parser_on_a_hand_made_program():
     lines = hlo.splitlines()
     at = next(i for i, line in enumerate(lines) if line.startswith("ENTRY")) + 1
     lines[at:at] = [
-        "  %kernel = f32[8]{0} custom-call(), custom_call_target=\"tpu_custom_call\", "
+        '  %kernel = f32[8]{0} custom-call(), custom_call_target="tpu_custom_call", '
         "frontend_attributes={kernel_metadata={",
         '"xprof_metadata":"{\\"block_q\\": 256}"',
         '}}, metadata={op_name="jit(f)/attention/pallas_call"}',

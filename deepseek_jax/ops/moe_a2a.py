@@ -36,8 +36,8 @@ residuals would bring back worst-case memory, so the whole exchange is one `cust
 residuals are only its inputs (the weight shards, not the gathered weights). The backward pass
 replays the rounds: it sends each row's input and its output cotangent (w · dy, in the compute
 dtype) to the expert owner, which recomputes the SwiGLU, takes its VJP (expert weight gradients
-are reduce-scattered each round, then accumulated as fp32 shards), and sends back d(input row) and the
-recomputed output row (for d(w) = <output, dy>).
+are reduce-scattered each round, then accumulated as fp32 shards), and sends back d(input row)
+and the recomputed output row (for d(w) = <output, dy>).
 """
 
 from __future__ import annotations
@@ -333,8 +333,9 @@ def _bwd(plan, residuals, dy_nd):
         dw_pb = jnp.sum(back[..., d:].astype(jnp.float32) * dy_pbd, axis=-1)
         dw_m = dw_m.at[pair_m].add(dw_pb.reshape(-1), mode="drop")
         # Each round's weight gradients go straight back to shards (summed in the compute dtype,
-        # accumulated in fp32): no device holds its experts' whole fp32 gradients. The barrier keeps XLA from moving the reduce-scatter
-        # out of the loop (it would rather accumulate whole gradients and scatter once).
+        # accumulated in fp32): no device holds its experts' whole fp32 gradients. The barrier
+        # keeps XLA from moving the reduce-scatter out of the loop (it would rather accumulate
+        # whole gradients and scatter once).
         dg, du, dd = jax.lax.optimization_barrier(
             tuple(
                 scatter_grad(g, a).astype(jnp.float32)

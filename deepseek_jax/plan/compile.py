@@ -126,7 +126,9 @@ def read_memory_report(dump_dir: str, top: int) -> list[dict]:
                 sections.append([])
             elif in_hbm and sections and (m := _REPORT_ROW.match(line)):
                 size = float(m.group(1)) * _UNITS[m.group(2)]
-                sections[-1].append({"bytes": size, "values": int(m.group(3)), "shapes": m.group(4)})
+                sections[-1].append(
+                    {"bytes": size, "values": int(m.group(3)), "shapes": m.group(4)}
+                )
     if not sections:
         return []
     rows = max(sections, key=lambda rows: sum(r["bytes"] for r in rows))
