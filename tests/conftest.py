@@ -8,9 +8,11 @@ The flag affects only the host (CPU) platform; a GPU or TPU backend is unchanged
 
 import os
 
-# With libtpu installed (for the plan tests) every process that starts JAX's backends takes
-# libtpu's lockfile, and a second one fails to load it: the suite runs on several pytest
-# workers (pytest-xdist), each of which, and the training runs they start, may load it.
+# libtpu is installed for the plan tests, which ask it for compile-only TPU devices directly.
+# Every other backend start would also load it (and print its warnings on stderr, which tests
+# of one-line errors read): the tests and the runs they start use the CPU only. Processes that
+# load it take libtpu's lockfile, which a second one (another pytest-xdist worker) may not get.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 _FLAG = "--xla_force_host_platform_device_count=8"

@@ -455,3 +455,16 @@ def test_data_config():
         DataConfig(num_workers=-1)
     with pytest.raises(ConfigError, match="'data.kind'=.*is not one of|data.kind='csv'"):
         load_config(None, ["data.kind=csv"])
+
+
+def test_shuffle_window_is_capped_at_one_pass_over_a_small_split():
+    """A 4096-row window over a corpus of two short records once took 76 s to fill (it read the
+    corpus thousands of times); it is capped at the rows one pass gives (bytes + EOS per doc)."""
+    from deepseek_jax.data.pipeline import window_rows
+
+    two = ["good one", "good two"]  # 9 + 9 tokens with EOS: one row of 33
+    assert window_rows(4096, two, 33) == 1
+    assert window_rows(4096, ["é" * 40] * 3, 33) == 8  # 3 x 81 bytes+EOS = 243 tokens: 8 rows
+    assert window_rows(7, ["x" * 1000] * 3, 33) == 7  # a pass has more rows than the window
+    assert window_rows(5, ["a"] * 5, 33) == 5  # as many documents as rows: not read
+    assert window_rows(0, two, 33) == 0 and window_rows(1, two, 33) == 1

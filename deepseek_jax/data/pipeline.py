@@ -15,7 +15,8 @@ Stages, for a document source (`data.kind` stdlib / text / jsonl / parquet):
 4. Tokenize, append EOS; in `data.num_workers` processes when > 0 (Grain `mp_prefetch`). Workers
    take documents round-robin and their outputs are interleaved back in order, so the stream is
    the same for any number of workers. Packing runs after, in this process (`packing.py`).
-5. Shuffle packed train rows within windows of `data.shuffle_window` rows (when > 1).
+5. Shuffle packed train rows within windows of `data.shuffle_window` rows (when > 1), at most
+   about one pass over the split's rows (`window_rows`).
 6. Batch `batch_size` rows; the last batch of a finite stream is filled with padding rows.
 
 kind=synthetic wraps `train.synthetic.MarkovTokens` (rows [i*B, (i+1)*B) of the global batch of
@@ -90,6 +91,21 @@ class _Documents:
 
     def __getitem__(self, i: int) -> str:
         return self.source[int(self.indices[i])]
+
+
+def window_rows(window: int, docs, row_len: int) -> int:
+    """`data.shuffle_window`, capped at one pass's packed rows of `row_len` tokens.
+
+    A window longer than the split only shuffles repeats of it, and filling it reads the split
+    over and over: a two-record corpus took 76 s to fill tiny's 4096-row window. The pass is
+    sized from the documents' UTF-8 bytes plus an EOS each (the byte tokenizer's count; subword
+    tokenizers give fewer tokens, so the cap errs high), read only when the split has fewer
+    documents than the window has rows (otherwise a pass has at least that many rows).
+    """
+    if window <= 1 or len(docs) >= window:
+        return window
+    tokens = sum(len(docs[i].encode()) + 1 for i in range(len(docs)))
+    return max(1, min(window, -(-tokens // row_len)))
 
 
 class _Tokenize:
@@ -196,7 +212,9 @@ def make_dataset(
             f"process {process_index} of {process_count} has no {split} documents "
             f"({source!r}); use more data or a larger data.eval_fraction"
         )
-    ds = grain.MapDataset.source(_Documents(source, indices))
+    docs = _Documents(source, indices)
+    window = window_rows(data.shuffle_window, docs, seq_len + 1) if split == "train" else 0
+    ds = grain.MapDataset.source(docs)
     if split == "train" and data.shuffle:
         ds = ds.shuffle(seed=data.seed)
     if num_epochs != 1:
@@ -208,10 +226,10 @@ def make_dataset(
     ds = _prefetch(ds.to_iter_dataset(read), data)
     ds = pack_documents(ds, seq_len + 1)
     ds = ds.map(PackedRows(tokenizer.pad_id, data.cross_document_attention))
-    if split == "train" and data.shuffle and data.shuffle_window > 1:
+    if data.shuffle and window > 1:
         # Its state is the packer's state at the window's start (JSON-safe, see packing.py)
         # plus a position: a restore refills the window and skips what was already read.
-        ds = WindowShuffleIterDataset(ds, window_size=data.shuffle_window, seed=data.seed)
+        ds = WindowShuffleIterDataset(ds, window_size=window, seed=data.seed)
     return ds.batch(batch_size, batch_fn=StackRows(batch_size, seq_len, tokenizer.pad_id))
 
 
