@@ -557,9 +557,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int | None) -> dict:
-    """This environment without any forced device count, plus `devices` CPU devices."""
+def _env(devices: int | None, cache: pathlib.Path | None = None) -> dict:
+    """This environment without any forced device count, plus `devices` CPU devices, and a
+    compilation cache folder for single-process runs (a multi-process run over gloo that found
+    cached executables hung in its first step: tests/reliability/helpers.py)."""
     env = dict(os.environ)
+    if cache is not None:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     if devices is not None:
         flags += f" --xla_force_host_platform_device_count={devices}"
@@ -619,7 +624,7 @@ def test_two_processes_match_one_process(tmp_path):
     _run(
         [sys.executable, "-m", "deepseek_jax.cli", "train", "tiny", *RUN, *QUIET]
         + [f"train.run_dir={single}"],
-        _env(8),
+        _env(8, tmp_path / "jax_cache"),
         timeout=300,
     )
     a, b = _read_metrics(multi), _read_metrics(single)
@@ -637,7 +642,7 @@ def test_two_processes_match_one_process(tmp_path):
     _run(
         [sys.executable, "-m", "deepseek_jax.cli", "train", "tiny", *RUN, *QUIET]
         + [f"train.run_dir={multi}", "train.steps=6"],
-        _env(8),
+        _env(8, tmp_path / "jax_cache"),  # the single-process run's programs
         timeout=300,
     )
     resumed = _read_metrics(multi)
