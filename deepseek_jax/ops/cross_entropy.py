@@ -6,8 +6,6 @@
   forward keeps one chunk's [c, V] logits at a time and the backward recomputes them chunk by
   chunk: [N, V] fp32 logits never exist, in either pass. The head weight enters the scan in its
   stored (fp32) dtype and is cast per chunk, so its gradient accumulates across chunks in fp32.
-  A single chunk (every token of the device's batch fits one) skips the scan: as a scan's loop
-  value the weight and its gradient would stay whole in fp32 on every device.
 
 Both return per-token (cross-entropy, logsumexp) [B, T] in fp32; `train/loss.py` masks and sums.
 """
@@ -75,14 +73,7 @@ def _chunked(normed_btd, head_DV, targets_bt, rt):
     def chunk(h_bcd, tgt_bc):
         return token_ce(head_logits(h_bcd, head_DV, rt), tgt_bc)
 
-    if n == 1:
-        # One chunk (V3 on a pod: 4096 tokens per chip): nothing accumulates across chunks, and
-        # a scan would keep the whole head weight and its gradient as fp32 loop values (2 x 3.45
-        # GiB per chip for V3's head, read from plan --memory-report) instead of letting the
-        # partitioner gather it in the compute dtype and reduce-scatter its gradient.
-        ce_nbc, lse_nbc = jax.tree.map(lambda a: a[None], chunk(h_nbcd[0], tgt_nbc[0]))
-    else:
-        _, (ce_nbc, lse_nbc) = jax.lax.scan(lambda _, x: (None, chunk(*x)), None, (h_nbcd, tgt_nbc))
+    _, (ce_nbc, lse_nbc) = jax.lax.scan(lambda _, x: (None, chunk(*x)), None, (h_nbcd, tgt_nbc))
     ce_bt = ce_nbc.swapaxes(0, 1).reshape(b, n * c)[:, :t]
     lse_bt = lse_nbc.swapaxes(0, 1).reshape(b, n * c)[:, :t]
     return ce_bt, lse_bt
