@@ -11,7 +11,7 @@ import os
 # libtpu is installed for the plan tests, which ask it for compile-only TPU devices directly.
 # Every other backend start would also load it (and print its warnings on stderr, which tests
 # of one-line errors read): the tests and the runs they start use the CPU only. Processes that
-# load it take libtpu's lockfile, which a second one (another pytest-xdist worker) may not get.
+# load it take libtpu's lockfile, which a second one (a plan run beside the tests) may not get.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
