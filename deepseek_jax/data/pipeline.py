@@ -213,9 +213,10 @@ def make_dataset(
             f"({source!r}); use more data or a larger data.eval_fraction"
         )
     docs = _Documents(source, indices)
-    window = window_rows(data.shuffle_window, docs, seq_len + 1) if split == "train" else 0
+    shuffled = split == "train" and data.shuffle
+    window = window_rows(data.shuffle_window, docs, seq_len + 1) if shuffled else 0
     ds = grain.MapDataset.source(docs)
-    if split == "train" and data.shuffle:
+    if shuffled:
         ds = ds.shuffle(seed=data.seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
@@ -226,7 +227,7 @@ def make_dataset(
     ds = _prefetch(ds.to_iter_dataset(read), data)
     ds = pack_documents(ds, seq_len + 1)
     ds = ds.map(PackedRows(tokenizer.pad_id, data.cross_document_attention))
-    if data.shuffle and window > 1:
+    if window > 1:
         # Its state is the packer's state at the window's start (JSON-safe, see packing.py)
         # plus a position: a restore refills the window and skips what was already read.
         ds = WindowShuffleIterDataset(ds, window_size=window, seed=data.seed)

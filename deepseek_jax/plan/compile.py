@@ -100,10 +100,7 @@ def compiler_hbm_limit(devices: list) -> float | None:
     return _LIMITS[kind]
 
 
-_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, "TiB": 1024**4}
-_REPORT_ROW = re.compile(
-    r"^\s*[\d.]+\w+\(\s*\d+%\);\s*([\d.]+)(B|KiB|MiB|GiB|TiB);\s*\d+;\s*(\d+);\s*(.*)$"
-)
+_REPORT_ROW = re.compile(r"^\s*[\d.]+\w+\(\s*\d+%\);\s*([\d.]+[KMGT]?i?B);\s*\d+;\s*(\d+);\s*(.*)$")
 
 
 def read_memory_report(dump_dir: str, top: int) -> list[dict]:
@@ -125,9 +122,8 @@ def read_memory_report(dump_dir: str, top: int) -> list[dict]:
             elif in_hbm and line.lstrip().startswith("cumulative_size"):
                 sections.append([])
             elif in_hbm and sections and (m := _REPORT_ROW.match(line)):
-                size = float(m.group(1)) * _UNITS[m.group(2)]
                 sections[-1].append(
-                    {"bytes": size, "values": int(m.group(3)), "shapes": m.group(4)}
+                    {"bytes": _size(m.group(1)), "values": int(m.group(2)), "shapes": m.group(3)}
                 )
     if not sections:
         return []
