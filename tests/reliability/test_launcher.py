@@ -150,12 +150,7 @@ def test_a_failed_save_stops_every_process_with_one_line(preempted, tmp_path):
     stop together after train.max_save_failures with exit code 2 and one line, and the
     checkpoint saved before is still the newest, complete and alone."""
     run, saved = resume_copy(preempted, tmp_path)
-    # fsdp across the two processes (the run resumes onto this mesh): each process writes its
-    # own shards. Under the module's data-parallel mesh every array is whole on both, and
-    # process 0 alone writes arrays that small (checkpoint/training.py: MIN_REPLICA_SLICE_BYTES),
-    # so the limit would fail process 0's writes only.
-    fsdp = ("mesh.data=1", "mesh.dcn_data=1", "mesh.fsdp=2")
-    proc = launch(run, 30, (*fsdp, "train.checkpoint_every=2", "train.max_save_failures=2"))
+    proc = launch(run, 30, ("train.checkpoint_every=2", "train.max_save_failures=2"))
     try:
         workers = {}
         while len(workers) < 2 and proc.poll() is None:
