@@ -4,7 +4,6 @@ SIGINT: tests/reliability/test_lifecycle.py)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -206,45 +205,3 @@ def test_sigkill_during_a_save_resumes_from_the_last_complete_checkpoint(tmp_pat
     resumed = _run(run, last + 2, "mesh.fsdp=8", "train.checkpoint_every=1")
     assert [m["step"] for m in resumed] == [last + 1, last + 2]
     assert not [n for n in os.listdir(ckpt_dir) if not n.isdigit()], "partial save left behind"
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["a", "b", "c"], meta_fields=[])
-@dataclasses.dataclass
-class _Replicated:
-    """A stand-in train state: arrays of several shapes that all 8 devices hold whole."""
-
-    a: jax.Array
-    b: jax.Array
-    c: jax.Array
-
-
-def test_small_replicated_arrays_are_saved_without_compiling(tmp_path):
-    """Orbax would split each replicated array among its 8 replicas with a jitted slice per
-    (shape, device): 270 compiles (24 s) for the tiny model's first save on 8 CPU devices.
-    Below MIN_REPLICA_SLICE_BYTES one replica writes it whole; the save compiles only the
-    finiteness check. The checkpoint restores equal."""
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",))
-    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shapes = [(8, 24), (40,), (3, 16, 8)]
-    arrays = [jnp.arange(np.prod(s), dtype=jnp.float32).reshape(s) for s in shapes]
-    state = _Replicated(*(jax.device_put(x, whole) for x in arrays))
-    compiles = []
-
-    def listen(event, seconds, **_):
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(seconds)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        ckpt = Checkpointer(str(tmp_path), 1, 3)
-        assert ckpt.save(1, state, load_config("tiny"), force=True)
-        ckpt.close()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-    assert len(compiles) <= 1, f"{len(compiles)} compiles during one save"
-    restored = Checkpointer(str(tmp_path), 1, 3).restore(
-        abstract_like(jax.tree.map(lambda x: whole, state), jax.eval_shape(lambda: state)),
-        load_config("tiny"),
-    )
-    for got, want in zip(jax.tree.leaves(restored), arrays, strict=True):
-        np.testing.assert_array_equal(got, want)

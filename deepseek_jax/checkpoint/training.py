@@ -57,34 +57,6 @@ logger = logging.getLogger(__name__)
 REJECTED_DIR = "rejected_checkpoints"  # beside the checkpoints directory
 _REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "config/metadata")
 
-# Orbax splits the writing of an array that several devices hold whole (replicated over data,
-# or a norm scale under fsdp) among those replicas, cutting it with a jitted slice: one compile
-# per distinct (shape, slice, device). For small arrays that costs far more than it saves: the
-# tiny model's first save on 8 CPU devices compiled ~270 slices in 24 s, for kilobytes of data.
-# Arrays whose per-replica slice is under this size are written whole by one replica.
-MIN_REPLICA_SLICE_BYTES = 64 << 20
-
-
-def _configure_array_writes() -> None:
-    """Register (once per process) the jax.Array handler with MIN_REPLICA_SLICE_BYTES. Orbax keeps
-    handlers in one global registry; the only change from its default is that threshold."""
-    global _ARRAY_WRITES_CONFIGURED
-    if not _ARRAY_WRITES_CONFIGURED:
-        handler = ocp.type_handlers.ArrayHandler(
-            min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES
-        )
-        absl_log = logging.getLogger("absl")  # Orbax warns of any override, ours included
-        level = absl_log.level
-        absl_log.setLevel(logging.ERROR)
-        try:
-            ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
-        finally:
-            absl_log.setLevel(level)
-        _ARRAY_WRITES_CONFIGURED = True
-
-
-_ARRAY_WRITES_CONFIGURED = False
-
 __all__ = [
     "Checkpointer",
     "NonFiniteState",
@@ -275,7 +247,6 @@ class Checkpointer:
         self.manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
-        _configure_array_writes()
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=self.every,
             max_to_keep=None,  # rotation is ours: only after a newer save has completed
