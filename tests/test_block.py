@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import re
 
@@ -36,15 +37,21 @@ def _loss_and_grads(rt, state, tokens):
         return jax.jit(jax.value_and_grad(loss))(state)
 
 
+@functools.cache
+def _without_remat(scan: bool):
+    """The reference for both scanned cases: runtime, state, tokens, (loss, grads)."""
+    base = Runtime.of(compute_dtype="float32", scan_layers=scan)
+    state = nnx.state(DeepSeek(TINY, nnx.Rngs(0), runtime=base))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, TINY.vocab_size)
+    return base, state, tokens, _loss_and_grads(base, state, tokens)
+
+
 @pytest.mark.parametrize(
     ("remat", "scan"),
     [("full", True), ("save_dots", False), ("save_dots_except_experts", True)],
 )
 def test_remat_gives_identical_loss_and_gradients(remat, scan):
-    base = Runtime.of(compute_dtype="float32", scan_layers=scan)
-    state = nnx.state(DeepSeek(TINY, nnx.Rngs(0), runtime=base))
-    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, TINY.vocab_size)
-    loss0, grads0 = _loss_and_grads(base, state, tokens)
+    base, state, tokens, (loss0, grads0) = _without_remat(scan)
     loss1, grads1 = _loss_and_grads(base.replace(remat=remat), state, tokens)
     assert float(loss0) == pytest.approx(float(loss1), abs=1e-6)
     for g0, g1 in zip(jax.tree.leaves(grads0), jax.tree.leaves(grads1), strict=True):

@@ -1,4 +1,5 @@
-"""The README's run command, shortened: trains the embedded default end to end."""
+"""The README's run command, shortened: trains the embedded default end to end; every metric
+field on every step, the logged learning rate is the schedule's."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
 from deepseek_jax.checkpoint import Checkpointer
+from deepseek_jax.config import load_config
+from deepseek_jax.train.optim import learning_rate
 
 
 def test_default_run_trains_checkpoints_and_logs(tmp_path):
@@ -26,8 +31,19 @@ def test_default_run_trains_checkpoints_and_logs(tmp_path):
     assert last["lm_loss"] < first["lm_loss"] - 2.0
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     assert len(evals) == 2 and evals[1] < evals[0]
-    for key in ("loss", "mtp_loss", "balance_loss", "grad_norm", "tokens_per_sec", "mfu"):
-        assert key in last
+    keys = {"step", "loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "tokens_per_sec"}
+    keys |= {"learning_rate", "load_imbalance", "mfu"}
+    tc = load_config("tiny", ["train.steps=30"]).train
+    for step, m in enumerate(metrics):
+        assert keys <= m.keys(), keys - m.keys()
+        assert m["tokens_per_sec"] > 0
+        # mfu = tokens/s x FLOPs per token / (the peak measured at start x devices): one ratio
+        np.testing.assert_allclose(
+            m["mfu"] / m["tokens_per_sec"], first["mfu"] / first["tokens_per_sec"], rtol=1e-9
+        )
+        assert len(m["load_imbalance"]) == 4 and all(x >= 1 for x in m["load_imbalance"])
+        assert len(m["mtp_loss"]) == 1
+        np.testing.assert_allclose(m["learning_rate"], learning_rate(tc, step), rtol=1e-6)
     assert Checkpointer(str(run / "checkpoints"), 50, 3).all_steps() == [30]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run / "tensorboard"))
     with open(run / "config.json") as f:

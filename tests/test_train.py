@@ -31,7 +31,6 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import sharding
 from deepseek_jax.config import ConfigError, TrainConfig, load_config, replace
-from deepseek_jax.train.flops import train_flops_per_token
 from deepseek_jax.train.optim import bias_gamma, decay_mask, learning_rate
 from deepseek_jax.train.step import Trainer, TrainState, update_router_bias
 from deepseek_jax.train.synthetic import MarkovTokens
@@ -59,7 +58,6 @@ MESHES = [
     ("dp/data=8", dict(data=8, fsdp=1), "dp"),
     ("fsdp/fsdp=8", dict(fsdp=8), "fsdp"),
     ("ep/data=2,expert=4", dict(data=2, fsdp=1, expert=4), "ep"),
-    ("ep/fsdp=2,expert=4", dict(fsdp=2, expert=4), "ep"),
     ("ep_fsdp/fsdp=2,expert=4", dict(fsdp=2, expert=4), "ep_fsdp"),
 ]
 ROUTED = ("gate_EDF", "up_EDF", "down_EFD")
@@ -557,14 +555,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(devices: int | None, cache: pathlib.Path | None = None) -> dict:
-    """This environment without any forced device count, plus `devices` CPU devices, and a
-    compilation cache folder for single-process runs (a multi-process run over gloo that found
-    cached executables hung in its first step: tests/reliability/helpers.py)."""
+def _env(devices: int | None) -> dict:
+    """This environment without any forced device count, plus `devices` CPU devices."""
     env = dict(os.environ)
-    if cache is not None:
-        env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
     if devices is not None:
         flags += f" --xla_force_host_platform_device_count={devices}"
@@ -624,7 +617,7 @@ def test_two_processes_match_one_process(tmp_path):
     _run(
         [sys.executable, "-m", "deepseek_jax.cli", "train", "tiny", *RUN, *QUIET]
         + [f"train.run_dir={single}"],
-        _env(8, tmp_path / "jax_cache"),
+        _env(8),
         timeout=300,
     )
     a, b = _read_metrics(multi), _read_metrics(single)
@@ -637,51 +630,8 @@ def test_two_processes_match_one_process(tmp_path):
             worst = max(worst, float(np.max(np.abs(xa - ya) / np.abs(ya))))
             bitwise &= bool(np.array_equal(xa, ya))
         assert x["expert_load"] == y["expert_load"]
-    # The two-process run's final checkpoint restores onto one process with 8 devices: the
-    # state reshards; the data position, saved per process, cannot carry over and restarts.
-    _run(
-        [sys.executable, "-m", "deepseek_jax.cli", "train", "tiny", *RUN, *QUIET]
-        + [f"train.run_dir={multi}", "train.steps=6"],
-        _env(8, tmp_path / "jax_cache"),  # the single-process run's programs
-        timeout=300,
-    )
-    resumed = _read_metrics(multi)
-    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5, 6]
-    assert resumed[:5] == a and np.isfinite(resumed[5]["loss"])
     print(
         "\n2 processes vs 1: losses "
         f"{[round(m['loss'], 6) for m in a]} vs {[round(m['loss'], 6) for m in b]}; "
         f"max relative diff {worst:.2e}, bitwise {bitwise}"
     )
-
-
-@pytest.mark.slow
-def test_cli_train_writes_metrics_and_learns(tmp_path):
-    """`deepseek-jax train` on the Markov source (tiny defaults: batch 16, seq 64, lr 3e-3 →
-    3e-4), 20 steps, warmup 3, fp32, 1 device: metrics.jsonl has every field per step, the
-    logged learning rate is the schedule's, and lm_loss falls from ~ln(512) = 6.24 below 5."""
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "deepseek_jax.cli", "train", "tiny", "train.steps=20"]
-    cmd += ["train.warmup_steps=3", "runtime.compute_dtype=float32", f"train.run_dir={run_dir}"]
-    cmd += ["train.peak_flops_per_device=1e11", *QUIET]
-    _run(cmd, _env(None), timeout=300)
-    rows = _read_metrics(run_dir)
-    assert (run_dir / "config.json").exists()
-    assert [r["step"] for r in rows] == list(range(1, 21))
-    flops_per_token = train_flops_per_token(load_config("tiny").model, 64)
-    keys = {"step", "loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "tokens_per_sec"}
-    keys |= {"learning_rate", "load_imbalance", "mfu"}
-    for r in rows:
-        assert keys <= r.keys(), keys - r.keys()
-        assert r["tokens_per_sec"] > 0
-        want_mfu = r["tokens_per_sec"] * flops_per_token / 1e11  # 1 device at 1e11 FLOP/s
-        np.testing.assert_allclose(r["mfu"], want_mfu, rtol=1e-9)
-        assert len(r["load_imbalance"]) == 4 and all(x >= 1 for x in r["load_imbalance"])
-        assert len(r["mtp_loss"]) == 1
-    tc = load_config("tiny", ["train.steps=20", "train.warmup_steps=3"]).train
-    np.testing.assert_allclose(
-        [r["learning_rate"] for r in rows], [learning_rate(tc, s) for s in range(20)], rtol=1e-6
-    )
-    lm = [r["lm_loss"] for r in rows]
-    print(f"\nCLI train lm_loss: {[round(x, 3) for x in lm]}")
-    assert lm[0] > 6.0 and lm[-1] < 5.0 and min(lm[-3:]) < lm[0] - 1.2
