@@ -18,3 +18,28 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 _FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
+
+# The suite runs on pytest-xdist workers, one file per worker at a time (`-n auto --dist loadfile`
+# in pyproject.toml). Most heavy tests compile with one thread or wait on a training subprocess,
+# so a second worker uses the second core of a 2-core machine. "auto" is capped here: by physical
+# cores (two hyperthreads of one core gain little), by the CPUs this process may run on, and by
+# memory (a worker with its 8 CPU devices and a training subprocess can take about 6 GiB).
+# PYTEST_XDIST_AUTO_NUM_WORKERS, or an explicit -n N, overrides it; -n 0 runs in this process.
+_GIB_PER_WORKER = 6
+
+
+def pytest_xdist_auto_num_workers(config):
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        import psutil
+    except ImportError:
+        cores, gib = cpus, None
+    else:
+        cores = psutil.cpu_count(logical=False) or cpus
+        gib = psutil.virtual_memory().total / 2**30
+    workers = min(cpus or 1, cores or 1)
+    if gib is not None:
+        workers = min(workers, int(gib // _GIB_PER_WORKER))
+    return max(1, workers)
