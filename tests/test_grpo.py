@@ -83,11 +83,17 @@ def random_train_state(trainer: GRPOTrainer, seed: int = 0, std: float = 0.1):
     return trainer.base.state_from_params(nnx.to_pure_dict(params), nnx.to_pure_dict(biases))
 
 
-def test_rollout_logps_equal_trainer_logps():
-    trainer = GRPOTrainer(post("grpo.inner_updates=2"))
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_rollout_logps_equal_trainer_logps(speculative):
+    """Plain and MTP-speculative rollouts both log each token's log-prob (speculative: from
+    the verify call's logits at the token's position, after an accepted draft or a rejection)."""
+    overrides = ["grpo.inner_updates=2"] + ["grpo.speculative_rollouts=true"] * speculative
+    trainer = GRPOTrainer(post(*overrides))
     state = random_train_state(trainer)
     groups = trainer.collect(state, np.random.default_rng(0), jax.random.key(0))
     assert sum(map(len, groups.completions)) > 50
+    if speculative:  # drafts were both kept and rejected: both branches' log-probs are checked
+        assert 0 < groups.stats["spec_acceptance_rate"] < 1
     state, m = trainer.step(state, None, np.random.default_rng(0), None, groups=groups)
     # Same engine, fp32: the trainer's recomputed log-probs are the rollout's up to rounding.
     assert m["logp_gap_max"] < 1e-5
