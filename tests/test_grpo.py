@@ -83,11 +83,20 @@ def random_train_state(trainer: GRPOTrainer, seed: int = 0, std: float = 0.1):
     return trainer.base.state_from_params(nnx.to_pure_dict(params), nnx.to_pure_dict(biases))
 
 
-def test_rollout_logps_equal_trainer_logps():
-    trainer = GRPOTrainer(post("grpo.inner_updates=2"))
+@pytest.mark.parametrize("speculative", [False, True], ids=["plain", "speculative"])
+def test_rollout_logps_equal_trainer_logps(speculative):
+    """Plain and MTP-speculative rollouts both log each token's log-prob (speculative: from
+    the verify call's logits at the token's position, after an accepted draft or a rejection)."""
+    overrides = ["grpo.inner_updates=2"] + ["grpo.speculative_rollouts=true"] * speculative
+    trainer = GRPOTrainer(post(*overrides))
     state = random_train_state(trainer)
     groups = trainer.collect(state, np.random.default_rng(0), jax.random.key(0))
     assert sum(map(len, groups.completions)) > 50
+    assert all(0 < len(c) <= 12 for c in groups.completions)
+    assert [len(lp) for lp in groups.logps] == [len(c) for c in groups.completions]
+    assert groups.stats["rollout_tokens"] == sum(map(len, groups.completions))
+    if speculative:  # drafts were both kept and rejected: both branches' log-probs are checked
+        assert 0 < groups.stats["spec_acceptance_rate"] < 1
     state, m = trainer.step(state, None, np.random.default_rng(0), None, groups=groups)
     # Same engine, fp32: the trainer's recomputed log-probs are the rollout's up to rounding.
     assert m["logp_gap_max"] < 1e-5
@@ -174,16 +183,6 @@ def test_cli_bad_key_is_one_line(capsys):
     assert main(["grpo", "r1zero_addition", "grpo.group_size=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "grpo.group_size=1 must be >= 2" in err and len(err.splitlines()) == 1
-
-
-def test_speculative_rollouts_report_acceptance():
-    trainer = GRPOTrainer(post("grpo.speculative_rollouts=true"))
-    state = random_train_state(trainer)
-    groups = trainer.collect(state, np.random.default_rng(0), jax.random.key(0))
-    assert groups.logps is None  # the speculative path records no log-probs
-    assert 0 <= groups.stats["spec_acceptance_rate"] <= 1
-    assert all(0 < len(c) <= 12 for c in groups.completions)
-    assert groups.stats["rollout_tokens"] == sum(map(len, groups.completions))
 
 
 def test_top_k_top_p_rollouts_sample_the_filtered_distribution():

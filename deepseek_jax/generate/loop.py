@@ -34,6 +34,19 @@ def decode_jit(fn, extra_settings: tuple[str, ...] = ()):
     return jax.jit(fn, static_argnums=0, static_argnames=(*SETTINGS, *extra_settings))
 
 
+def decode_settings(max_new_tokens, temperature, top_k, top_p, eos_id, cache_dtype) -> dict:
+    """SETTINGS as the plain Python values the jitted decode functions are keyed on (a NumPy
+    integer, or a dtype spelled another way, would otherwise be one more compilation)."""
+    return dict(
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        eos_id=None if eos_id is None else int(eos_id),
+        cache_dtype=jnp.dtype(cache_dtype),
+    )
+
+
 def shard_cache(cache: LatentCache, rt: Runtime) -> LatentCache:
     """Split the cache's batch rows like the activations (identity without a mesh)."""
     return LatentCache(
@@ -161,12 +174,7 @@ def generate(
         prompts_bt,
         lengths_b,
         key,
-        max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature),
-        top_k=int(top_k),
-        top_p=float(top_p),
-        eos_id=None if eos_id is None else int(eos_id),
-        cache_dtype=jnp.dtype(cache_dtype),
+        **decode_settings(max_new_tokens, temperature, top_k, top_p, eos_id, cache_dtype),
     )
     out_bn, counts_b = np.asarray(out_bn), np.asarray(counts_b)
     return [out_bn[b, : counts_b[b]].tolist() for b in range(len(prompts))]

@@ -45,8 +45,8 @@ from flax import nnx
 from deepseek_jax import sharding
 from deepseek_jax.generate.cache import init_cache
 from deepseek_jax.generate.decode import forward_with_cache, mtp_with_cache
-from deepseek_jax.generate.loop import batch_inputs, decode_jit, shard_cache
-from deepseek_jax.generate.sampling import filter_logits, sample
+from deepseek_jax.generate.loop import batch_inputs, decode_jit, decode_settings, shard_cache
+from deepseek_jax.generate.sampling import filter_logits, sample, token_logps
 from deepseek_jax.model.mtp import shift_tokens
 
 N_DRAFT = 1  # draft tokens per step: MTP module 1 only
@@ -114,8 +114,15 @@ def _speculative(
     top_p: float,
     eos_id: int | None,
     cache_dtype,
-) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """(new tokens [B, max_new_tokens], number produced per row [B], counters)."""
+    with_logps: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
+    """(new tokens [B, max_new_tokens], number produced per row [B], log-probs, counters).
+
+    With `with_logps` the log-probs [B, max_new_tokens] are each new token's under the main
+    model's unfiltered temperature-scaled softmax at its position (`token_logps`), the
+    distribution the tokens follow whether a draft was kept or a token was drawn after a
+    rejection: the same quantity plain decoding logs. Otherwise they are empty [B, 0].
+    """
     model = nnx.merge(graphdef, state)
     b, p = prompts_bt.shape
     n, k = max_new_tokens, N_DRAFT
@@ -138,6 +145,11 @@ def _speculative(
     last_b = jnp.clip(prompt_lengths_b - 1, 0, p - 1)
     key_first, key_draft = jax.random.split(jax.random.fold_in(key, 0))
     first_b = sample(logits_btv[rows_b, last_b], key_first, **settings)
+    logp_bn = jnp.zeros((b, n if with_logps else 0), jnp.float32)
+    if with_logps:
+        logp_bn = logp_bn.at[:, 0].set(
+            token_logps(logits_btv[rows_b, last_b], first_b, temperature)
+        )
     next_bt = jnp.where(
         jnp.arange(p)[None] == last_b[:, None], first_b[:, None], shift_tokens(prompts_bt, 1)
     )
@@ -161,6 +173,7 @@ def _speculative(
         drafts_bk=drafts_bk,
         q_bkv=q_bkv,
         out_bn=jnp.zeros((b, n), jnp.int32).at[:, 0].set(first_b),
+        logp_bn=logp_bn,
         counts_b=jnp.ones((b,), jnp.int32),
         # Empty rows (padding the batch for a mesh) are done from the start.
         done_b=stops(first_b[:, None], jnp.ones((b, 1), bool))[0]
@@ -201,6 +214,10 @@ def _speculative(
         keep_b = jnp.minimum(keep_b, n - c["counts_b"])
         cols_bk1 = jnp.where(slots_k1[None] < keep_b[:, None], c["counts_b"][:, None] + slots_k1, n)
         out_bn = c["out_bn"].at[rows_b[:, None], cols_bk1].set(new_bk1, mode="drop")
+        logp_bn = c["logp_bn"]
+        if with_logps:  # token j of the chunk was drawn from the main model's logits at slot j
+            logp_bk1 = jax.vmap(token_logps, (1, 1, None), 1)(p_bk1v, new_bk1, temperature)
+            logp_bn = logp_bn.at[rows_b[:, None], cols_bk1].set(logp_bk1, mode="drop")
         counts_b = c["counts_b"] + keep_b
 
         # 4. Draft from the newly committed pairs (h at n-1+j, x_{n+j}) for j <= accepted.
@@ -213,6 +230,7 @@ def _speculative(
             drafts_bk=drafts_bk,
             q_bkv=q_bkv,
             out_bn=out_bn,
+            logp_bn=logp_bn,
             counts_b=counts_b,
             done_b=c["done_b"] | eos_b | (counts_b >= n),
             drafted=c["drafted"] + k * running_b.sum(dtype=jnp.int32),
@@ -221,10 +239,19 @@ def _speculative(
 
     c = jax.lax.while_loop(cond, body, carry)
     stats = dict(drafted=c["drafted"], accepted=c["accepted"], main_forward_calls=c["step"])
-    return c["out_bn"], c["counts_b"], stats
+    return c["out_bn"], c["counts_b"], c["logp_bn"], stats
 
 
-_speculative_jit = decode_jit(_speculative)
+# The jitted engine, on `batch_inputs`' arrays (what GRPO rollouts call, with log-probs).
+speculative_tokens = decode_jit(_speculative, ("with_logps",))
+
+
+def speculative_stats(counters: dict[str, jax.Array], counts_b: np.ndarray) -> dict[str, float]:
+    """The engine's counters as numbers, with the acceptance rate and the new-token count."""
+    stats = {name: int(v) for name, v in counters.items()}
+    stats["acceptance_rate"] = stats["accepted"] / max(stats["drafted"], 1)
+    stats["new_tokens"] = int(counts_b.sum())
+    return stats
 
 
 def speculative_generate(
@@ -256,21 +283,15 @@ def speculative_generate(
         stats = dict(drafted=0, accepted=0, acceptance_rate=0.0, main_forward_calls=0)
         return [[] for _ in prompts], {**stats, "new_tokens": 0}
     graphdef, state, prompts_bt, lengths_b = batch_inputs(model, prompts, mesh_sharding)
-    out_bn, counts_b, counters = _speculative_jit(
+    out_bn, counts_b, _, counters = speculative_tokens(
         graphdef,
         state,
         prompts_bt,
         lengths_b,
         key,
-        max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature),
-        top_k=int(top_k),
-        top_p=float(top_p),
-        eos_id=None if eos_id is None else int(eos_id),
-        cache_dtype=jnp.dtype(cache_dtype),
+        **decode_settings(max_new_tokens, temperature, top_k, top_p, eos_id, cache_dtype),
     )
     out_bn, counts_b = np.asarray(out_bn), np.asarray(counts_b)[: len(prompts)]
-    stats = {name: int(v) for name, v in counters.items()}
-    stats["acceptance_rate"] = stats["accepted"] / max(stats["drafted"], 1)
-    stats["new_tokens"] = int(counts_b.sum())
-    return [out_bn[b, : counts_b[b]].tolist() for b in range(len(prompts))], stats
+    return [out_bn[b, : counts_b[b]].tolist() for b in range(len(prompts))], speculative_stats(
+        counters, counts_b
+    )

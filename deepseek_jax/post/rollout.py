@@ -9,8 +9,9 @@ SPEC §8). With top-k / top-p the token is drawn from the filtered, renormalized
 its log-prob stays the unfiltered policy's: that is π_old in the ratio π_θ/π_old, which the
 trainer recomputes over the full softmax too, so the two are comparable (and the rollouts are
 slightly off-policy for that ratio; leave the filters off for exact on-policy GRPO).
-With `speculative=True` the MTP module drafts (`speculative_generate`: the same distribution,
-fewer main-model calls); that path records no log-probs.
+With `speculative=True` the MTP module drafts (`deepseek_jax.generate.speculative`: the same
+distribution, fewer main-model calls) and each token's log-prob is read from the verify call's
+logits at its position, so both paths log the same quantity.
 
 `pack` turns prompts and completions into the fixed-shape training batch: row = prompt +
 completion + padding, target t = token t+1, loss mask on completion targets only.
@@ -27,8 +28,8 @@ import numpy as np
 from flax import nnx
 
 from deepseek_jax import sharding
-from deepseek_jax.generate import speculative_generate
-from deepseek_jax.generate.loop import batch_inputs, generate_tokens
+from deepseek_jax.generate.loop import batch_inputs, decode_settings, generate_tokens
+from deepseek_jax.generate.speculative import speculative_stats, speculative_tokens
 
 
 @dataclasses.dataclass
@@ -36,7 +37,7 @@ class Rollouts:
     """Sampled completions (token ids, EOS included if produced) and what came with them."""
 
     completions: list[list[int]]
-    logps: list[list[float]] | None  # per completion token; None for speculative rollouts
+    logps: list[list[float]]  # per completion token
     truncated: list[bool]  # hit max_new_tokens without EOS
     seconds: float
     stats: dict[str, float]  # speculative: drafted, accepted, acceptance_rate, ...
@@ -60,39 +61,22 @@ def sample_completions(
     `deepseek_jax.generate`'s engine. The log-probs are over the unfiltered temperature-scaled
     softmax whatever the filter (the distribution the GRPO ratio uses)."""
     start = time.perf_counter()
-    stats: dict[str, float] = {}
-    if speculative:
-        outs, stats = speculative_generate(
-            model,
-            prompts,
-            max_new_tokens,
-            key=key,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_id=eos_id,
-            mesh_sharding=mesh_sharding,
-        )
-        logps = None
-    else:
-        graphdef, state, prompts_bt, lengths_b = batch_inputs(model, prompts, mesh_sharding)
-        out_bn, counts_b, logp_bn = generate_tokens(
-            graphdef,
-            state,
-            prompts_bt,
-            lengths_b,
-            key,
-            max_new_tokens=int(max_new_tokens),
-            temperature=float(temperature),
-            top_k=int(top_k),
-            top_p=float(top_p),
-            eos_id=None if eos_id is None else int(eos_id),
-            cache_dtype=jnp.dtype(jnp.float32),
-            with_logps=True,
-        )
-        out_bn, counts_b, logp_bn = jax.device_get((out_bn, counts_b, logp_bn))
-        outs = [out_bn[b, : counts_b[b]].tolist() for b in range(len(prompts))]
-        logps = [logp_bn[b, : counts_b[b]].tolist() for b in range(len(prompts))]
+    graphdef, state, prompts_bt, lengths_b = batch_inputs(model, prompts, mesh_sharding)
+    engine = speculative_tokens if speculative else generate_tokens
+    out_bn, counts_b, logp_bn, *counters = engine(
+        graphdef,
+        state,
+        prompts_bt,
+        lengths_b,
+        key,
+        **decode_settings(max_new_tokens, temperature, top_k, top_p, eos_id, jnp.float32),
+        with_logps=True,
+    )
+    out_bn, counts_b, logp_bn, counters = jax.device_get((out_bn, counts_b, logp_bn, counters))
+    counts_b = counts_b[: len(prompts)]
+    outs = [out_bn[b, : counts_b[b]].tolist() for b in range(len(prompts))]
+    logps = [logp_bn[b, : counts_b[b]].tolist() for b in range(len(prompts))]
+    stats = speculative_stats(counters[0], counts_b) if speculative else {}
     truncated = [len(o) >= max_new_tokens and (not o or o[-1] != eos_id) for o in outs]
     return Rollouts(outs, logps, truncated, time.perf_counter() - start, stats)
 
