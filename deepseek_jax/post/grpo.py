@@ -67,7 +67,7 @@ class Groups:
     problems: list[Problem]  # one per row
     prompts: list[list[int]]
     completions: list[list[int]]
-    logps: list[list[float]] | None
+    logps: list[list[float]]  # the rollout engine's, per completion token
     truncated: list[bool]
     rewards: np.ndarray  # [rows] total reward used for advantages
     parts: dict[str, np.ndarray]  # each reward function's raw values [rows]
@@ -358,7 +358,7 @@ class GRPOTrainer:
         g = self.g
         groups = groups if groups is not None else self.collect(state, rng, key)
         host = self.batch(groups)
-        rollout_logp = host.pop("rollout_logp", None)
+        rollout_logp = host.pop("rollout_logp")
         batch = self._place(host)
         if g.beta > 0:
             batch["ref_logp"] = self.reference_logps(ref_params, state.router_bias, batch)
@@ -379,10 +379,9 @@ class GRPOTrainer:
             m[key_] = _scalars(last_metrics)[key_]  # the last inner update's value
         m["learning_rate"] = _scalars(last_metrics)["learning_rate"]
         mask = host["loss_mask"]
-        if rollout_logp is not None:
-            gap = np.abs(rollout_logp - np.asarray(jax.device_get(logp_bt))) * mask
-            m["logp_gap_mean"] = float(gap.sum() / max(mask.sum(), 1))
-            m["logp_gap_max"] = float(gap.max())
+        gap = np.abs(rollout_logp - np.asarray(jax.device_get(logp_bt))) * mask
+        m["logp_gap_mean"] = float(gap.sum() / max(mask.sum(), 1))
+        m["logp_gap_max"] = float(gap.max())
         m.update(update_seconds=update_seconds, **groups.stats)
         m["rollout_tokens_per_sec"] = m["rollout_tokens"] / max(m["rollout_seconds"], 1e-9)
         return state, m

@@ -221,10 +221,8 @@ def _line(m: dict) -> str:
         f"acc {m.get('accuracy', float('nan')):.3f} len {m['completion_len_mean']:.1f} "
         f"zero-std {m['zero_std_frac']:.2f} loss {m['loss']:.4f} "
         f"ent {m['entropy']:.3f} rollout {m['rollout_seconds']:.1f}s "
-        f"update {m['update_seconds']:.1f}s"
+        f"update {m['update_seconds']:.1f}s gap {m['logp_gap_max']:.1e}"
     )
-    if "logp_gap_max" in m:
-        text += f" gap {m['logp_gap_max']:.1e}"
     if "mtp_acceptance" in m:
         text += f" mtp-acc {m['mtp_acceptance']:.2f}"
     if "eval_accuracy" in m:

@@ -63,7 +63,8 @@ def sample_completions(
     start = time.perf_counter()
     graphdef, state, prompts_bt, lengths_b = batch_inputs(model, prompts, mesh_sharding)
     engine = speculative_tokens if speculative else generate_tokens
-    out_bn, counts_b, logp_bn, *counters = engine(
+    # Both engines return (tokens, counts, log-probs); the speculative one adds its counters.
+    outputs = engine(
         graphdef,
         state,
         prompts_bt,
@@ -72,11 +73,11 @@ def sample_completions(
         **decode_settings(max_new_tokens, temperature, top_k, top_p, eos_id, jnp.float32),
         with_logps=True,
     )
-    out_bn, counts_b, logp_bn, counters = jax.device_get((out_bn, counts_b, logp_bn, counters))
+    out_bn, counts_b, logp_bn = jax.device_get(outputs[:3])
     counts_b = counts_b[: len(prompts)]
     outs = [out_bn[b, : counts_b[b]].tolist() for b in range(len(prompts))]
     logps = [logp_bn[b, : counts_b[b]].tolist() for b in range(len(prompts))]
-    stats = speculative_stats(counters[0], counts_b) if speculative else {}
+    stats = speculative_stats(jax.device_get(outputs[3]), counts_b) if speculative else {}
     truncated = [len(o) >= max_new_tokens and (not o or o[-1] != eos_id) for o in outs]
     return Rollouts(outs, logps, truncated, time.perf_counter() - start, stats)
 
