@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                     "jax",
                     shape,
                     "float32",
-                    ("RUNTIME.grouped_matmul=ragged_dot",),
+                    ("runtime.grouped_matmul=ragged_dot",),
                     "deepseek-jax fp32, ragged_dot (before)",
                 ),
                 Case("jax", shape, "float32", label="deepseek-jax fp32 compute"),

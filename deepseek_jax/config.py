@@ -248,10 +248,13 @@ class RuntimeConfig:
     # chunked (online softmax over blocks of attention_chunk_size: no [T, T] score matrix).
     attention: Literal["xla", "dpa_xla", "dpa_cudnn", "splash", "chunked"] = "xla"
     attention_chunk_size: int = 512
-    # full: fp32 logits over the vocabulary; chunked: the loss in chunks of
-    # cross_entropy_chunk_size tokens, never holding [N, V] logits (deepseek_jax.ops).
+    # full: fp32 logits over the vocabulary; chunked: the loss in tiles of
+    # cross_entropy_chunk_size tokens (per device) x cross_entropy_vocab_chunk_size vocabulary
+    # entries, never holding [N, V] logits, nor on a mesh a whole copy of the head or of its
+    # gradient (deepseek_jax.ops.cross_entropy).
     cross_entropy: Literal["full", "chunked"] = "full"
     cross_entropy_chunk_size: int = 4096
+    cross_entropy_vocab_chunk_size: int = 16384
     # Routed experts' grouped matmul and dispatch (deepseek_jax.model.dispatch); auto picks by
     # backend and mesh.
     grouped_matmul: Literal["auto", "ragged_dot", "megablox", "blocked"] = "auto"
@@ -262,9 +265,13 @@ class RuntimeConfig:
 
     def __post_init__(self):
         p = "runtime"
-        for name in ("attention_chunk_size", "cross_entropy_chunk_size"):
+        for name in (
+            "attention_chunk_size",
+            "cross_entropy_chunk_size",
+            "cross_entropy_vocab_chunk_size",
+        ):
             v = getattr(self, name)
-            _require(v >= 1, f"{p}.{name}={v} must be >= 1 (a chunk length in tokens)")
+            _require(v >= 1, f"{p}.{name}={v} must be >= 1 (a chunk length)")
         _require(
             self.moe_a2a_buffer_factor > 0,
             f"{p}.moe_a2a_buffer_factor={self.moe_a2a_buffer_factor} must be positive "

@@ -21,12 +21,18 @@ from deepseek_jax.train.synthetic import MarkovTokens
 jax.config.update("jax_default_matmul_precision", "highest")
 
 FULL = Runtime.of(compute_dtype="float32")
-CHUNKED = FULL.replace(cross_entropy="chunked", cross_entropy_chunk_size=10)
+# 10 tokens x 16 vocabulary entries per tile: neither divides the test shapes.
+CHUNKED = FULL.replace(
+    cross_entropy="chunked", cross_entropy_chunk_size=10, cross_entropy_vocab_chunk_size=16
+)
+CPUS = jax.devices("cpu")
 
 
 def test_head_ce_chunked_matches_full():
-    """Per-token CE and logsumexp, and the gradients of a weighted sum of both, for a chunk
-    that does not divide T (2 rows x 5 positions per chunk, T = 13: the last chunk padded)."""
+    """Per-token CE and logsumexp, and the gradients of a weighted sum of both, for chunks
+    that divide neither T nor V (2 rows x 5 positions per chunk, T = 13; 4 vocabulary chunks
+    of 13 for V = 50: the last token chunk padded, the last vocabulary chunk's extra column
+    masked)."""
     r = np.random.default_rng(0)
     h = jnp.asarray(r.standard_normal((2, 13, 16)), jnp.float32)
     w = jnp.asarray(0.3 * r.standard_normal((16, 50)), jnp.float32)
@@ -46,6 +52,49 @@ def test_head_ce_chunked_matches_full():
     np.testing.assert_allclose(lse, lse0, atol=1e-5, rtol=0)
     for g, g0 in zip(grads, grads0, strict=True):
         np.testing.assert_allclose(g, g0, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "sizes,rules",
+    [
+        (dict(data=2, fsdp=2, expert=2), "ep_fsdp"),  # head split over fsdp x expert
+        (dict(data=2, fsdp=4, expert=1), "fsdp"),  # split over fsdp; data sums by psum
+        (dict(data=1, fsdp=1, expert=8), "ep"),  # head replicated: no collective
+    ],
+)
+def test_head_ce_chunked_on_a_mesh_matches_one_device(sizes, rules):
+    """On 8 CPU devices the kernel runs per device under shard_map: each vocabulary chunk of the
+    head is gathered over its D split and its gradient reduce-scattered back. Values and both
+    gradients equal the full-logits loss on one device, and the head's gradient comes back in
+    the head's own sharding."""
+    from deepseek_jax.config import MeshConfig
+    from deepseek_jax.sharding import Sharding, make_mesh, rules_for
+
+    sh = Sharding(make_mesh(MeshConfig(**sizes), CPUS[:8]), rules_for(rules))
+    rt = CHUNKED.replace(sharding=sh, cross_entropy_chunk_size=6)
+    r = np.random.default_rng(2)
+    h = jnp.asarray(r.standard_normal((8, 7, 16)), jnp.float32)
+    w = jnp.asarray(0.3 * r.standard_normal((16, 50)), jnp.float32)
+    tgt = jnp.asarray(r.integers(0, 50, (8, 7)), jnp.int32)
+    a, b = (jnp.asarray(r.standard_normal((8, 7)), jnp.float32) for _ in range(2))
+
+    def f(rt):
+        def loss(h, w):
+            ce, lse = head_ce(h, w, tgt, rt)
+            return jnp.sum(a * ce + b * lse * lse), (ce, lse)
+
+        return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+
+    w_sharding = sh.named(("embed", "vocab"))
+    h_s = jax.device_put(h, sh.named(("batch", None, None)))
+    w_s = jax.device_put(w, w_sharding)
+    (_, (ce, lse)), (gh, gw) = jax.jit(f(rt))(h_s, w_s)
+    (_, (ce0, lse0)), (gh0, gw0) = jax.jit(f(FULL))(h, w)
+    assert gw.sharding.is_equivalent_to(w_sharding, 2)
+    np.testing.assert_allclose(ce, ce0, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(lse, lse0, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(gh, gh0, atol=1e-5, rtol=1e-6)
+    np.testing.assert_allclose(gw, gw0, atol=1e-5, rtol=1e-6)
 
 
 def test_loss_with_mtp_depth_2_matches_full():
@@ -87,10 +136,11 @@ def test_loss_with_mtp_depth_2_matches_full():
     for key in ("lm", "mtp", "z", "tokens"):
         np.testing.assert_allclose(sums[key], sums0[key], rtol=1e-6, err_msg=key)
     np.testing.assert_allclose(obj, obj0, rtol=1e-6)
-    # Gradients are sums over 48 tokens x 3 heads; summing the head's per-chunk gradients in
-    # another order moves the largest entries (~1.4) by about 1e-6.
+    # Gradients are sums over 48 tokens x 3 heads, with entries up to ~10; the tiled kernel
+    # sums in another order (softmax as exp(logit - online logsumexp)), which moves them by up
+    # to ~1e-5 (relative 1e-6). A wrong tile or mask moves them by 1e-2 or more.
     for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
-        np.testing.assert_allclose(g, g0, atol=5e-6, rtol=1e-5)
+        np.testing.assert_allclose(g, g0, atol=2e-5, rtol=1e-5)
 
 
 def test_loss_needs_the_model_without_logits():
@@ -119,6 +169,7 @@ def test_train_step_with_chunked_loss_and_attention_matches_default():
     lean = [
         "runtime.cross_entropy=chunked",
         "runtime.cross_entropy_chunk_size=12",
+        "runtime.cross_entropy_vocab_chunk_size=100",
         "runtime.attention=chunked",
         "runtime.attention_chunk_size=8",
     ]
