@@ -307,10 +307,11 @@ def _bwd(plan, residuals, dy_nd):
         r, dx_nd, dw_m, dgate, dup, ddown = carry
         pair_pb, token_pb, ok_pb = _sender_rows(r, lay, plan, k)
         send_n, recv_n = _round_count(r, lay.send_p, plan), _round_count(r, lay.recv_p, plan)
+        dy_pbd = dy_nd[token_pb]
         w_pb = weights_nk.reshape(-1)[pair_pb].astype(jnp.float32)
         # The cotangent of each expert output row, in the dtype the experts compute in: the
         # same value the local dispatch's autodiff forms (y = Σ w·out.astype(fp32)).
-        g_pbd = (w_pb[..., None] * dy_nd[token_pb]).astype(x_nd.dtype)
+        g_pbd = (w_pb[..., None] * dy_pbd).astype(x_nd.dtype)
         send = _masked(ok_pb, jnp.concatenate([x_nd[token_pb], g_pbd], axis=-1))
         got = _exchange(send, send_n, recv_n, plan).reshape(-1, 2 * d)
         perm_m, sizes_e = _receiver_groups(r, lay, plan)
@@ -328,12 +329,8 @@ def _bwd(plan, residuals, dy_nd):
         token_m = jnp.where(ok_pb, token_pb, n).reshape(-1)
         pair_m = jnp.where(ok_pb, pair_pb, n * k).reshape(-1)
         dx_nd = dx_nd.at[token_m].add(back[..., :d].reshape(-1, d).astype(jnp.float32), mode="drop")
-        # d(w) = <out, dy> as in the local dispatch (out cast to fp32 first). dy's rows are
-        # gathered again rather than kept from above across both exchanges: in fp32 they are
-        # the round's largest buffer (V3, expert 8: 1.1 GiB); the barrier keeps XLA from
-        # merging the two gathers, so this one fuses into the sum.
-        dy_again = jax.lax.optimization_barrier((dy_nd, back))[0]
-        dw_pb = jnp.sum(back[..., d:].astype(jnp.float32) * dy_again[token_pb], axis=-1)
+        # d(w) = <out, dy> as in the local dispatch (out cast to fp32 first).
+        dw_pb = jnp.sum(back[..., d:].astype(jnp.float32) * dy_pbd, axis=-1)
         dw_m = dw_m.at[pair_m].add(dw_pb.reshape(-1), mode="drop")
         # Each round's weight gradients go straight back to shards (summed in the compute dtype,
         # accumulated in fp32): no device holds its experts' whole fp32 gradients. The barrier
