@@ -66,7 +66,7 @@ def test_tile_count_bounds_every_split():
     rng = np.random.default_rng(0)
     for m, g in [(8192, 16), (8192, 64), (100, 7), (4, 16), (33, 4)]:
         t = tile_rows(m, g)
-        assert t == 1 or g * (t - 1) <= m // 4
+        assert t == 1 or g * (t - 1) <= m // 2
         splits = [rng.multinomial(m, rng.dirichlet(np.ones(g))) for _ in range(200)]
         per = m // g
         adversarial = np.full(g, (per - 1) // t * t + 1 if per else 0)
