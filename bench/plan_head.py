@@ -14,7 +14,6 @@ the compiled HLO: how the whole fp32 copies of the head's gradient were found (i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,11 +25,10 @@ from deepseek_jax.config import load_config
 from deepseek_jax.ops.cross_entropy import head_ce
 from deepseek_jax.plan.chips import parse_topology
 from deepseek_jax.plan.compile import make_mesh_sharding
-from deepseek_jax.plan.hlo import summarize
 from deepseek_jax.runtime import Runtime
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plan_moe_layer import GiB, largest_arrays  # noqa: E402
+from plan_moe_layer import print_report  # noqa: E402
 
 
 def main() -> None:
@@ -82,34 +80,13 @@ def main() -> None:
 
     start = time.perf_counter()
     exe = jax.jit(step, out_shardings=(rows, head_s)).lower(*args).compile()
-    seconds = time.perf_counter() - start
-    ma, text = exe.memory_analysis(), exe.as_text()
-    hlo = summarize(text, len(devices))
-    print(
-        json.dumps(
-            {
-                "mesh": dict(sh.mesh.shape),
-                "rules": a.rules,
-                "cross_entropy": a.cross_entropy,
-                "heads": depths,
-                "compile_s": round(seconds),
-                "temp_gib": round(ma.temp_size_in_bytes / GiB, 3),
-                "arguments_gib": round(ma.argument_size_in_bytes / GiB, 3),
-                "collectives_gib": {
-                    kind: {
-                        "ops": c.ops,
-                        "operand": round(c.buffer_bytes / GiB, 3),
-                        "over_links": round(c.traffic_bytes / GiB, 3),
-                    }
-                    for kind, c in hlo.collectives.items()
-                    if c.ops
-                },
-            },
-            indent=1,
-        )
-    )
-    for gib, comp, name in largest_arrays(text, a.top):
-        print(f"{gib:7.2f} GiB  {comp[:40]:40}  {name}")
+    facts = {
+        "mesh": dict(sh.mesh.shape),
+        "rules": a.rules,
+        "cross_entropy": a.cross_entropy,
+        "heads": depths,
+    }
+    print_report(facts, exe, time.perf_counter() - start, len(devices), a.top)
 
 
 if __name__ == "__main__":

@@ -95,32 +95,33 @@ def main() -> None:
 
     start = time.perf_counter()
     exe = jax.jit(step, out_shardings=(rows, rows, gate_s, gate_s, down_s)).lower(*args).compile()
-    seconds = time.perf_counter() - start
+    facts = {"mesh": dict(sh.mesh.shape), "rules": a.rules, "dispatch": a.dispatch}
+    print_report(facts, exe, time.perf_counter() - start, len(devices), a.top)
+
+
+def print_report(facts: dict, exe, seconds: float, n_devices: int, top: int) -> None:
+    """`facts` plus the executable's temporaries and collective bytes as JSON, then the `top`
+    largest HLO arrays."""
     ma, text = exe.memory_analysis(), exe.as_text()
-    hlo = summarize(text, len(devices))
-    print(
-        json.dumps(
-            {
-                "mesh": dict(sh.mesh.shape),
-                "rules": a.rules,
-                "dispatch": a.dispatch,
-                "compile_s": round(seconds),
-                "temp_gib": round(ma.temp_size_in_bytes / GiB, 3),
-                "arguments_gib": round(ma.argument_size_in_bytes / GiB, 3),
-                "collectives_gib": {
-                    kind: {
-                        "ops": c.ops,
-                        "operand": round(c.buffer_bytes / GiB, 3),
-                        "over_links": round(c.traffic_bytes / GiB, 3),
-                    }
-                    for kind, c in hlo.collectives.items()
-                    if c.ops
-                },
-            },
-            indent=1,
-        )
-    )
-    for gib, comp, name in largest_arrays(text, a.top):
+    hlo = summarize(text, n_devices)
+    collectives = {
+        kind: {
+            "ops": c.ops,
+            "operand": round(c.buffer_bytes / GiB, 3),
+            "over_links": round(c.traffic_bytes / GiB, 3),
+        }
+        for kind, c in hlo.collectives.items()
+        if c.ops
+    }
+    facts = {
+        **facts,
+        "compile_s": round(seconds),
+        "temp_gib": round(ma.temp_size_in_bytes / GiB, 3),
+        "arguments_gib": round(ma.argument_size_in_bytes / GiB, 3),
+        "collectives_gib": collectives,
+    }
+    print(json.dumps(facts, indent=1))
+    for gib, comp, name in largest_arrays(text, top):
         print(f"{gib:7.2f} GiB  {comp[:40]:40}  {name}")
 
 
