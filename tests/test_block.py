@@ -122,3 +122,34 @@ def test_offload_policy_needs_an_accelerator():
     assert callable(remat_policy("offload", platform="tpu"))
     with pytest.raises(ValueError, match="remat=offload needs a TPU or GPU"):
         remat_policy("offload", platform="cpu")
+
+
+def test_weight_cast_to_bf16_is_the_convert_bit_for_bit():
+    """`cast` turns fp32 weights into bf16 with integer ops (so the TPU compiler cannot hoist a
+    whole-stack conversion out of the layer loop); values, specials and the gradient must be
+    exactly those of `astype`."""
+    from deepseek_jax.model.layers import fp32_to_bf16
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate(
+        [
+            rng.standard_normal(50_000).astype(np.float32) * 10.0 ** rng.integers(-40, 38, 50_000),
+            # ties at the rounding point, both parities, and the specials
+            np.array(
+                [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 3.4e38, -3.4e38, 1e-45, -0.0], np.float32
+            ),  # fmt: skip
+            np.array([np.inf, -np.inf, np.nan], np.float32),
+        ]
+    )
+    ours = np.asarray(jax.jit(fp32_to_bf16)(x)).view(np.uint16)
+    ref = np.asarray(jnp.asarray(x).astype(jnp.bfloat16)).view(np.uint16)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(ours[~nan], ref[~nan])
+    assert np.isnan(np.asarray(jax.jit(fp32_to_bf16)(x[nan]), np.float32)).all()
+    g = rng.standard_normal(int((~nan).sum())).astype(np.float32)
+    grads = [
+        jax.grad(lambda v, f=f: jnp.sum(f(v).astype(jnp.float32) * g))(jnp.asarray(x[~nan]))
+        for f in (fp32_to_bf16, lambda v: v.astype(jnp.bfloat16))
+    ]
+    assert grads[0].dtype == jnp.float32
+    np.testing.assert_array_equal(grads[0], grads[1])
