@@ -241,8 +241,11 @@ class RuntimeConfig:
     # What each block keeps for the backward pass: none (everything), full (only its input),
     # save_dots (matmul outputs), save_dots_except_experts (matmul outputs but not the routed
     # experts' own, the largest), offload (the named MLA latents, attention and MoE outputs go
-    # to pinned host memory; TPU/GPU only). Names: see `deepseek_jax.model.remat`.
-    remat: Literal["none", "full", "save_dots", "save_dots_except_experts", "offload"] = "none"
+    # to pinned host memory; TPU/GPU only), offload_layer_input (full, with each block's input
+    # in pinned host memory instead of HBM; TPU/GPU only). Names: see `deepseek_jax.model.remat`.
+    remat: Literal[
+        "none", "full", "save_dots", "save_dots_except_experts", "offload", "offload_layer_input"
+    ] = "none"
     # Attention kernel (deepseek_jax.ops.attention): xla (plain einsum + fp32 softmax, the
     # reference), dpa_xla / dpa_cudnn (jax.nn.dot_product_attention), splash (TPU Pallas),
     # chunked (online softmax over blocks of attention_chunk_size: no [T, T] score matrix).

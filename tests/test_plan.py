@@ -255,6 +255,21 @@ def test_sweep_candidates_cover_meshes_rules_and_remat():
     assert mine == [["mesh.fsdp=4", "mesh.expert=64", "mesh.rules=ep", f"{key}=full"]]
 
 
+def test_offload_layer_input_moves_the_layer_scan_residuals_to_host():
+    """runtime.remat=offload_layer_input: the stacked block inputs the layer scan keeps for the
+    backward live in pinned host memory, not HBM (full remat keeps them on device)."""
+    shape = ["model.num_layers=4", "train.seq_len=256"]
+    full = plan("tiny", "v5p-8", [*TINY, *shape, "runtime.remat=full"])
+    off = plan("tiny", "v5p-8", [*TINY, *shape, "runtime.remat=offload_layer_input"])
+    assert full.fits and off.fits
+    assert full.memory["host_temp_size_in_bytes"] == 0
+    cfg = load_config("tiny")
+    moe_layers = 4 - cfg.model.moe.first_k_dense_replace
+    # batch 8 over fsdp 2 x expert 2: 2 rows x 256 tokens x hidden, bf16, per MoE layer.
+    per_layer = 2 * 256 * cfg.model.hidden_size * 2
+    assert off.memory["host_temp_size_in_bytes"] >= moe_layers * per_layer
+
+
 def test_plan_generate_holds_the_latent_cache_in_bf16(capsys):
     """Decode: weights and cache in the compute dtype, rows split over the 4 chips."""
     args = ["plan", "tiny", "--topology", "v5e-4", "--generate", "--batch", "8"]

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from deepseek_jax.config import ModelConfig
 from deepseek_jax.model.layers import RMSNorm, SwiGLU
@@ -30,7 +31,8 @@ class Block(nnx.Module):
 
     def __call__(self, x_btd, cos_btk, sin_btk, segment_ids_bt=None):
         """Returns the new residual stream and the MoE aux dict (empty for a dense block)."""
-        x_btd = self.rt.constrain(x_btd, ("batch", None, None))
+        # Tagged for runtime.remat=offload_layer_input; everything below reads the tagged value.
+        x_btd = checkpoint_name(self.rt.constrain(x_btd, ("batch", None, None)), "layer_input")
         with jax.named_scope("attention"):
             x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btk, sin_btk, segment_ids_bt)
         with jax.named_scope(self.kind):

@@ -6,6 +6,9 @@
     moe_dispatch   tokens as sent to the routed experts [N·K, D]
     moe_out        the routed experts' combined output [N, D]
     mlp_hidden     silu(gate)·up of a dense or shared-expert SwiGLU [B,T,F]
+    layer_input    the block's input [B,T,D] (the residual stream between layers); every use
+                   inside the block reads the tagged value, so a policy that moves it elsewhere
+                   leaves no on-device copy of it behind
 
 Policies (what the backward pass finds saved; everything else is recomputed from the block
 input, which the layer scan always keeps):
@@ -16,6 +19,9 @@ input, which the layer scan always keeps):
                               routed experts' K-fold token copies are the largest activations
     offload                   nothing on device; the MLA, attention and MoE output tags are
                               copied to pinned host memory and fetched back for the backward
+    offload_layer_input       full remat, with each block's input kept in pinned host memory
+                              instead of on device: the layer scan's only per-layer residual
+                              [L,B,T,D] leaves HBM, at one [B,T,D] copy out and back per layer
 """
 
 from __future__ import annotations
@@ -46,17 +52,17 @@ def remat_policy(name: str, platform: str | None = None) -> Callable | None:
         return cp.save_from_both_policies(
             cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names(*kept)
         )
-    if name == "offload":
+    if name in ("offload", "offload_layer_input"):
         platform = platform or jax.default_backend()
         if platform == "cpu":
             raise ValueError(
-                "runtime.remat=offload needs a TPU or GPU (pinned host memory next to device "
+                f"runtime.remat={name} needs a TPU or GPU (pinned host memory next to device "
                 "memory); on CPU activations already live in host memory: use "
                 "runtime.remat=save_dots_except_experts or full"
             )
         return cp.save_and_offload_only_these_names(
             names_which_can_be_saved=[],
-            names_which_can_be_offloaded=list(OFFLOADED),
+            names_which_can_be_offloaded=list(OFFLOADED if name == "offload" else ("layer_input",)),
             offload_src="device",
             offload_dst="pinned_host",
         )
