@@ -21,7 +21,12 @@ from deepseek_jax.config import MESH_AXES, MeshConfig
 # Activations: the batch is split over every data-like axis in every preset.
 _BATCH = ("data", "fsdp", "expert")
 # Tensor parallelism splits heads and FFN widths; a no-op while mesh.tensor == 1.
-_TENSOR = {"heads": ("tensor",), "mlp": ("tensor",), "vocab": ("tensor",)}
+_TENSOR = {
+    "heads": ("tensor",),
+    "mlp": ("tensor",),
+    "expert_mlp": ("tensor",),
+    "vocab": ("tensor",),
+}
 
 # logical name -> mesh axes. Names absent from a preset are replicated.
 PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -36,6 +41,7 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
         "q_lora": ("fsdp",),
         "kv_lora": ("fsdp",),
         **_TENSOR,
+        "expert_mlp": ("fsdp", "tensor"),
     },
     # Expert parallelism: routed experts split over expert; other weights over fsdp.
     "ep": {
@@ -46,6 +52,7 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
         "q_lora": ("fsdp",),
         "kv_lora": ("fsdp",),
         **_TENSOR,
+        "expert_mlp": ("fsdp", "tensor"),
     },
     # The expert axis also shards attention and dense weights FSDP-style (it holds a slice of
     # the batch anyway), so no device keeps a full copy of any weight.
@@ -57,6 +64,7 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
         "q_lora": ("fsdp", "expert"),
         "kv_lora": ("fsdp", "expert"),
         **_TENSOR,
+        "expert_mlp": ("fsdp", "tensor"),
     },
 }
 

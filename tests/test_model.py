@@ -472,6 +472,7 @@ ALLOWED_AXES = {
     "head_dim",
     "experts",
     "mlp",
+    "expert_mlp",
     "vocab",
 }
 STACKED = ("dense_layers", "moe_layers", "mtp")

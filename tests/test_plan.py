@@ -268,6 +268,9 @@ def test_offload_layer_input_moves_the_layer_scan_residuals_to_host():
     # batch 8 over fsdp 2 x expert 2: 2 rows x 256 tokens x hidden, bf16, per MoE layer.
     per_layer = 2 * 256 * cfg.model.hidden_size * 2
     assert off.memory["host_temp_size_in_bytes"] >= moe_layers * per_layer
+    printed = _printed(format_result(off), "host temporaries (pinned host)")
+    assert printed == pytest.approx(off.memory["host_temp_size_in_bytes"], rel=0.01)
+    assert "host temporaries" not in format_result(full)
 
 
 def test_plan_generate_holds_the_latent_cache_in_bf16(capsys):

@@ -32,7 +32,10 @@ from deepseek_jax.runtime import Runtime
 DISPATCHES = ("auto", "all_gather", "all_to_all")
 # Logical axes of the routed expert weights (model/moe.py creates them with these).
 GATE_AXES = ("experts", "expert_embed", "mlp")  # gate_EDF and up_EDF
-DOWN_AXES = ("experts", "mlp", "expert_embed")  # down_EFD
+# down_EFD is split along F, not D: D (7168 in V3) is the dimension the TPU compiler lays out
+# innermost, and a weight split along its innermost dimension has to be re-laid out before it
+# is gathered, which XLA does once for the whole layer stack (an fp32 copy held all step).
+DOWN_AXES = ("experts", "expert_mlp", None)  # down_EFD
 
 
 def _split_axes(spec: jax.sharding.PartitionSpec, ndim: int) -> WeightAxes:

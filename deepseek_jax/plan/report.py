@@ -150,6 +150,9 @@ def format_result(r: PlanResult) -> str:
         ):
             lines.append(f"    {label:<34}{_gib(m.get(key)):>14}")
         lines.append(f"    {'total = args + out - alias + temp':<34}{_gib(r.total_bytes):>14}")
+        if m.get("host_temp_size_in_bytes"):  # runtime.remat=offload*: not counted in HBM
+            label = "host temporaries (pinned host)"
+            lines.append(f"    {label:<34}{_gib(m['host_temp_size_in_bytes']):>14}")
     lines.append(
         f"    {'HBM (compiler limit / docs)':<34}{_gib(r.hbm_compiler_bytes):>14} / "
         f"{_gib(r.hbm_doc_bytes)}"
