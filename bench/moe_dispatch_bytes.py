@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.config import load_config
-from deepseek_jax.model.dispatch import dispatch_routed
+from deepseek_jax.model.dispatch import DOWN_AXES, GATE_AXES, dispatch_routed
 from deepseek_jax.ops.moe_a2a import buffer_rows
 
 GB = 1e9
@@ -71,9 +71,9 @@ def compile_layer(cfg, mesh_sharding, dispatch: str, n_per_chip: int, with_grad:
         arg((n, d), jnp.bfloat16, ("batch", None)),
         arg((n, k), jnp.int32, ("batch", None)),
         arg((n, k), jnp.float32, ("batch", None)),
-        arg((e, d, f), jnp.bfloat16, ("experts", "expert_embed", "mlp")),
-        arg((e, d, f), jnp.bfloat16, ("experts", "expert_embed", "mlp")),
-        arg((e, f, d), jnp.bfloat16, ("experts", "mlp", "expert_embed")),
+        arg((e, d, f), jnp.bfloat16, GATE_AXES),
+        arg((e, d, f), jnp.bfloat16, GATE_AXES),
+        arg((e, f, d), jnp.bfloat16, DOWN_AXES),
         arg((n, d), jnp.float32, ("batch", None)),  # an arbitrary output cotangent
     )
 

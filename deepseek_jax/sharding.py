@@ -33,7 +33,8 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     # Pure data parallelism: every weight replicated.
     "dp": {"batch": _BATCH, **_TENSOR},
     # ZeRO-3 style: every weight split over fsdp along its model width (or, for MLA's
-    # up-projections, which have none, along the low rank).
+    # up-projections, which have none, along the low rank; for the routed experts' down
+    # projections along F: see model/dispatch.py's DOWN_AXES).
     "fsdp": {
         "batch": _BATCH,
         "embed": ("fsdp",),

@@ -155,9 +155,10 @@ def dispatch_routed(
     P = jax.sharding.PartitionSpec
     tokens = P(batch or None)
     # The expert weights enter as stored (split over the expert axes along E and, by the rules,
-    # over fsdp along D): each dispatch gathers them in the compute dtype just before use, and
-    # their gradients leave reduce-scattered to shards in fp32 (ops/moe_a2a.py). Whole weights
-    # here would leave every device with its experts' whole gradients, all-reduced over fsdp.
+    # over fsdp along D for gate/up, F for down): each dispatch gathers them in the compute
+    # dtype just before use, and their gradients leave reduce-scattered to shards in fp32
+    # (ops/moe_a2a.py). Whole weights here would leave every device with its experts' whole
+    # gradients, all-reduced over fsdp.
     gate_spec, down_spec = mesh_sharding.spec(GATE_AXES), mesh_sharding.spec(DOWN_AXES)
     weight_axes = (_split_axes(gate_spec, 3), _split_axes(gate_spec, 3), _split_axes(down_spec, 3))
     mesh = mesh_sharding.mesh
