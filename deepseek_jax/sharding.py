@@ -25,6 +25,8 @@ _TENSOR = {
     "heads": ("tensor",),
     "mlp": ("tensor",),
     "expert_mlp": ("tensor",),
+    "kv_b_heads": ("tensor",),
+    "o_heads": ("tensor",),
     "vocab": ("tensor",),
 }
 
@@ -41,6 +43,8 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
         "expert_embed": ("fsdp",),
         "q_lora": ("fsdp",),
         "kv_lora": ("fsdp",),
+        "kv_b_rank": ("fsdp",),
+        "o_embed": ("fsdp",),
         **_TENSOR,
         "expert_mlp": ("fsdp", "tensor"),
     },
@@ -52,6 +56,8 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
         "expert_embed": ("fsdp",),
         "q_lora": ("fsdp",),
         "kv_lora": ("fsdp",),
+        "kv_b_rank": ("fsdp",),
+        "o_embed": ("fsdp",),
         **_TENSOR,
         "expert_mlp": ("fsdp", "tensor"),
     },
@@ -66,6 +72,14 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
         "kv_lora": ("fsdp", "expert"),
         **_TENSOR,
         "expert_mlp": ("fsdp", "tensor"),
+        # MLA's key/value up-projections split along heads (fsdp) and the rank (expert), o_proj
+        # along heads (fsdp) and D (expert), rather than fsdp x expert ways along the rank or D:
+        # the TPU compiler re-lays out each whole fp32 stack to put the rank (o_proj: D)
+        # innermost, where a 2- or 28-wide shard is padded to 128 (0.45 GiB per stack in V3).
+        "kv_b_heads": ("fsdp", "tensor"),
+        "kv_b_rank": ("expert",),
+        "o_heads": ("fsdp", "tensor"),
+        "o_embed": ("expert",),
     },
 }
 

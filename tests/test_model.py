@@ -473,6 +473,12 @@ ALLOWED_AXES = {
     "experts",
     "mlp",
     "expert_mlp",
+    "kv_b_rank",
+    "kv_b_heads",
+    "kv_b_dim",
+    "o_heads",
+    "o_dim",
+    "o_embed",
     "vocab",
 }
 STACKED = ("dense_layers", "moe_layers", "mtp")

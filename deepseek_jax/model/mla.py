@@ -37,14 +37,14 @@ class MLA(nnx.Module):
         self.wkv_a_DR = param(rngs, (d, m.kv_lora_rank), ("embed", None), cfg, rt)
         self.wk_rope_DK = param(rngs, (d, m.qk_rope_head_dim), ("embed", "head_dim"), cfg, rt)
         self.kv_norm = RMSNorm(m.kv_lora_rank, cfg, rt, axis="kv_lora")
-        # kv_b_proj split per head into W_UK (keys) and W_UV (values).
-        self.wk_b_RHK = param(
-            rngs, (m.kv_lora_rank, h, m.qk_nope_head_dim), ("kv_lora", "heads", "head_dim"), cfg, rt
-        )
-        self.wv_b_RHK = param(
-            rngs, (m.kv_lora_rank, h, m.v_head_dim), ("kv_lora", "heads", "head_dim"), cfg, rt
-        )
-        self.wo_HKD = param(rngs, (h, m.v_head_dim, d), ("heads", "head_dim", "embed"), cfg, rt)
+        # kv_b_proj split per head into W_UK (keys) and W_UV (values). These and o_proj have
+        # axis names of their own, so that a preset can also split them along heads (see
+        # sharding.py's ep_fsdp).
+        kv_b = ("kv_b_rank", "kv_b_heads", "kv_b_dim")
+        self.wk_b_RHK = param(rngs, (m.kv_lora_rank, h, m.qk_nope_head_dim), kv_b, cfg, rt)
+        self.wv_b_RHK = param(rngs, (m.kv_lora_rank, h, m.v_head_dim), kv_b, cfg, rt)
+        o_axes = ("o_heads", "o_dim", "o_embed")
+        self.wo_HKD = param(rngs, (h, m.v_head_dim, d), o_axes, cfg, rt)
 
     def queries(self, x_btd: jax.Array) -> jax.Array:
         """q [B, T, H, d_n + d_r], before RoPE."""
