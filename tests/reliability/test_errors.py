@@ -38,6 +38,11 @@ def one_line_error(capsys, *args: str) -> str:
             "model.moe.n_routed_experts=12 is not divisible by mesh.expert=8",
         ),
         (
+            # ep_fsdp splits attention heads over fsdp: tiny's 4 heads cannot go 8 ways.
+            ["mesh.fsdp=8", "mesh.rules=ep_fsdp", "train.batch_size=8"],
+            "(4) is not divisible by mesh.fsdp=8 (mesh.rules=ep_fsdp)",
+        ),
+        (
             ["train.seq_len=4096"],
             "train.seq_len=4096 exceeds model.max_position_embeddings=2048",
         ),
