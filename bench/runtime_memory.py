@@ -100,7 +100,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tpu", help="TPU topology name, e.g. v5p:2x2x1 (compile through libtpu)")
     args = ap.parse_args()
-    sh, kinds = None, ["xla", "dpa_xla", "chunked"]
+    sh, kinds = None, ["xla", "dpa_xla", "causal_blocks", "chunked"]
     if args.tpu:
         from jax.experimental import topologies
 

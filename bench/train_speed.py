@@ -13,7 +13,8 @@ random batch. MFU is the analytic FLOP count (`train/flops.py`: 6 x active matmu
 plus attention, per token) against the matmul peak (a 2048^3 matmul) measured in the same run.
 
 Sections (--only): `compare` (ours in fp32 and bf16 compute vs transformers in fp32, on the
-issue's shapes and on tiny.yaml without MTP), `experts` (our tokens/s with 8, 16, 64 routed
+issue's shapes and on tiny.yaml without MTP; plus ours in fp32 with the runtime tiny.yaml had
+before, scanned layers and the xla attention kernel), `experts` (our tokens/s with 8, 16, 64 routed
 experts at top-4 and expert width 128) and `compile` (scanned vs unrolled layers). Results are
 also appended as JSON lines to --results, one line per process plus one summary line per row.
 On a shared machine absolute figures are noisy; ratios within one run are what to read.
@@ -201,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                     "jax",
                     shape,
                     "float32",
-                    ("runtime.grouped_matmul=ragged_dot",),
-                    "deepseek-jax fp32, ragged_dot (before)",
+                    ("runtime.scan_layers=true", "runtime.attention=xla"),
+                    "deepseek-jax fp32, scan + xla attn (before)",
                 ),
                 Case("jax", shape, "float32", label="deepseek-jax fp32 compute"),
                 Case("jax", shape, "bfloat16", label="deepseek-jax bf16 compute"),

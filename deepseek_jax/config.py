@@ -248,8 +248,12 @@ class RuntimeConfig:
     ] = "none"
     # Attention kernel (deepseek_jax.ops.attention): xla (plain einsum + fp32 softmax, the
     # reference), dpa_xla / dpa_cudnn (jax.nn.dot_product_attention), splash (TPU Pallas),
-    # chunked (online softmax over blocks of attention_chunk_size: no [T, T] score matrix).
-    attention: Literal["xla", "dpa_xla", "dpa_cudnn", "splash", "chunked"] = "xla"
+    # causal_blocks (xla per block of attention_chunk_size queries against its causal key
+    # prefix only: the masked upper half of the scores is mostly not computed), chunked
+    # (online softmax over blocks of attention_chunk_size: no [T, T] score matrix).
+    attention: Literal["xla", "dpa_xla", "dpa_cudnn", "splash", "causal_blocks", "chunked"] = (
+        "xla"
+    )
     attention_chunk_size: int = 512
     # full: fp32 logits over the vocabulary; chunked: the loss in tiles of
     # cross_entropy_chunk_size tokens (per device) x cross_entropy_vocab_chunk_size vocabulary

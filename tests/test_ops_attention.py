@@ -1,6 +1,7 @@
 """Every `runtime.attention` kernel equals the plain XLA reference, forward and gradients, with
 causal masking, packed-document segment ids and a YaRN-scaled softmax; the chunked kernel's
-compiled program holds no [T, T] score matrix; MLA reaches the kernels through the seam."""
+compiled program holds no [T, T] score matrix, the causal-blocks kernel's computes fewer scores;
+MLA reaches the kernels through the seam."""
 
 from __future__ import annotations
 
@@ -59,9 +60,20 @@ def assert_same(got, want, atol=ATOL):
         ("chunked", dict(attention_chunk_size=16), True),  # T=40: 3 blocks, the last padded
         ("chunked", dict(attention_chunk_size=16), False),  # plain causal
         ("chunked", dict(attention_chunk_size=64), True),  # one block larger than T
+        ("causal_blocks", dict(attention_chunk_size=16), True),  # blocks 16, 16, 8
+        ("causal_blocks", dict(attention_chunk_size=16), False),
+        ("causal_blocks", dict(attention_chunk_size=64), True),  # one block: xla itself
         ("dpa_xla", {}, True),
     ],
-    ids=["chunked-16", "chunked-16-causal", "chunked-64", "dpa_xla"],
+    ids=[
+        "chunked-16",
+        "chunked-16-causal",
+        "chunked-64",
+        "causal_blocks-16",
+        "causal_blocks-16-causal",
+        "causal_blocks-64",
+        "dpa_xla",
+    ],
 )
 def test_kernel_matches_reference(kind, knobs, with_segments):
     q, k, v, seg = inputs(2, 40, 3, 12, 8)
@@ -129,6 +141,26 @@ def test_chunked_never_holds_a_score_matrix():
     assert reference > score_bytes
 
 
+def test_causal_blocks_skips_the_masked_scores():
+    """Four blocks of queries over their key prefixes: the compiled forward+backward does about
+    5/8 of the reference's floating-point work (the score and value matmuls dominate)."""
+    b, t, h = 2, 256, 4
+    shapes = [jax.ShapeDtypeStruct((b, t, h, d), jnp.float32) for d in (48, 48, 32)]
+
+    def flops(kind):
+        rt = Runtime.of(attention=kind, attention_chunk_size=64)
+
+        def loss(q, k, v):
+            return attention(q, k, v, segment_ids_bt=None, scale=0.1, rt=rt).sum()
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        return grad.lower(*shapes).compile().cost_analysis()["flops"]
+
+    blocks, reference = flops("causal_blocks"), flops("xla")
+    print(f"flops: causal_blocks {blocks:.3g}, xla {reference:.3g} ({blocks / reference:.2f}x)")
+    assert 0.55 < blocks / reference < 0.72
+
+
 def test_mla_through_the_seam():
     """The model (YaRN rope, packed documents) with each kernel gives the reference's logits;
     gradients are the kernel tests' business."""
@@ -157,6 +189,6 @@ def test_mla_through_the_seam():
         )
 
     want = logits(ref_rt)
-    for kind in ("chunked", "dpa_xla"):
+    for kind in ("chunked", "causal_blocks", "dpa_xla"):
         got = logits(ref_rt.replace(attention=kind, attention_chunk_size=8))
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=kind)
