@@ -251,9 +251,7 @@ class RuntimeConfig:
     # causal_blocks (xla per block of attention_chunk_size queries against its causal key
     # prefix only: the masked upper half of the scores is mostly not computed), chunked
     # (online softmax over blocks of attention_chunk_size: no [T, T] score matrix).
-    attention: Literal["xla", "dpa_xla", "dpa_cudnn", "splash", "causal_blocks", "chunked"] = (
-        "xla"
-    )
+    attention: Literal["xla", "dpa_xla", "dpa_cudnn", "splash", "causal_blocks", "chunked"] = "xla"
     attention_chunk_size: int = 512
     # full: fp32 logits over the vocabulary; chunked: the loss in tiles of
     # cross_entropy_chunk_size tokens (per device) x cross_entropy_vocab_chunk_size vocabulary
