@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import traceback
 
@@ -208,5 +209,22 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split()) or type(e).__name__
 
 
+def entry() -> None:
+    """The `deepseek-jax` command: `main()`, then exit with its code.
+
+    After a run stopped on failed checkpoint saves, exit at once (the error line printed, the
+    streams flushed), without interpreter teardown: the last failed save's TensorStore writes
+    may still be pending, and their callbacks would print tracebacks after the error line.
+    """
+    from deepseek_jax.checkpoint.training import writes_abandoned
+
+    code = main()
+    if writes_abandoned():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

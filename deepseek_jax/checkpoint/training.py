@@ -194,6 +194,18 @@ def _any_process(*flags: bool) -> tuple[bool, ...]:
     return tuple(bool(x) for x in np.asarray(gathered).reshape(-1, len(flags)).any(axis=0))
 
 
+# Set when a run stops on failed saves: TensorStore writes of the last failed save may still be
+# pending (Orbax exposes no handle on them), and at interpreter exit their callbacks meet a
+# closed event loop and print tracebacks after the run's last line (`cli.entry` exits without
+# that teardown). Every completed checkpoint is committed by then; only failed writes are left.
+_writes_abandoned = False
+
+
+def writes_abandoned() -> bool:
+    """Whether this process stopped on failed saves whose last writes may still be pending."""
+    return _writes_abandoned
+
+
 def _join_orbax_writers(timeout_s: float = 120.0) -> None:
     """Wait for the writer threads of Orbax saves that are still running.
 
@@ -460,6 +472,8 @@ class Checkpointer:
             f"the next save retries; newest checkpoint: {newest})"
         )
         if self.failures >= self.max_failures:
+            global _writes_abandoned
+            _writes_abandoned = True
             raise CheckpointError(
                 f"{self.failures} checkpoint saves in a row failed in {self.directory} (last: "
                 f"{why}); stopping. The newest checkpoint is {newest}: free space or fix "
