@@ -15,7 +15,9 @@ plus attention, per token) against the matmul peak (a 2048^3 matmul) measured in
 Sections (--only): `compare` (ours in fp32 and bf16 compute vs transformers in fp32, on the
 issue's shapes and on tiny.yaml without MTP; plus ours in fp32 with the runtime tiny.yaml had
 before, scanned layers and the xla attention kernel), `experts` (our tokens/s with 8, 16, 64 routed
-experts at top-4 and expert width 128) and `compile` (scanned vs unrolled layers). Results are
+experts at top-4 and expert width 128), `compile` (scanned vs unrolled layers) and `runtime`
+(our step with the old and the current tiny.yaml runtime, compiled in one process and run in
+turns: the way to see differences smaller than the drift between processes). Results are
 also appended as JSON lines to --results, one line per process plus one summary line per row.
 On a shared machine absolute figures are noisy; ratios within one run are what to read.
 """
@@ -145,6 +147,28 @@ def run_case(case: Case, steps: int, warmup: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def interleaved(variants: dict, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Step times of our step under each variant's overrides, compiled in this process and run
+    in turns (one step of each per round), so that load drift hits every variant alike."""
+    import jax
+
+    runs = {}
+    for label, extra in variants.items():
+        compiled, state, batch, _ = compiled_step(config_for(Case("jax", "issue", extra=extra)))
+        for _ in range(warmup):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(state)
+        runs[label] = [compiled, state, batch, []]
+    for _ in range(steps):
+        for run in runs.values():
+            compiled, state, batch, ts = run
+            start = time.perf_counter()
+            run[1], metrics = compiled(state, batch)
+            jax.block_until_ready(metrics["loss"])
+            ts.append(time.perf_counter() - start)
+    return {label: run[3] for label, run in runs.items()}
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -154,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternations of the processes")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per process")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    parser.add_argument("--only", choices=("compare", "experts", "compile"), action="append")
+    parser.add_argument(
+        "--only", choices=("compare", "experts", "compile", "runtime"), action="append"
+    )
     parser.add_argument("--shapes", default="issue,tiny", help="comma list of: issue, tiny")
     parser.add_argument("--expert-dtypes", default="float32,bfloat16")
     parser.add_argument("--results", default="runs/bench/train_speed.jsonl")
@@ -169,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({**dataclasses.asdict(case), **out}))
         return 0
 
-    sections = args.only or ["compare", "experts", "compile"]
+    sections = args.only or ["compare", "experts", "compile", "runtime"]
     os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
     run_id = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     log = open(args.results, "a")
@@ -281,6 +307,22 @@ def main(argv: list[str] | None = None) -> int:
             step = statistics.median(r["step_s"] for r in per[c])
             record("summary", dict(section="compile", label=c.label, compile_s=comp, step_s=step))
             print(f"{c.label:<9} compile {comp:6.1f} s   first timed step {step:.3f} s")
+
+    if "runtime" in sections:
+        # Process-to-process drift on a shared machine can exceed the differences between
+        # runtimes: compile them in one process and interleave their steps instead.
+        print("\n## runtime variants in one process, steps interleaved (issue shapes, fp32)")
+        variants = {
+            "scan + xla attention (before)": ("runtime.scan_layers=true", "runtime.attention=xla"),
+            "unrolled + xla attention": ("runtime.attention=xla",),
+            "tiny.yaml (unrolled + causal_blocks 64)": (),
+        }
+        times = interleaved(variants, args.steps * 2, args.warmup)
+        base = statistics.median(next(iter(times.values())))
+        for label, ts in times.items():
+            step = statistics.median(ts)
+            record("summary", dict(section="runtime", label=label, step_s=step, steps=ts))
+            print(f"{label:<40} median {step:.3f} s  min {min(ts):.3f} s  {base / step:.2f}x")
 
     print(f"\n# load average at end {load_average()}; results appended to {args.results}")
     log.close()
