@@ -36,6 +36,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_setup import Case, compiled_step, config_for, random_batch  # noqa: E402
 
+# The runtime tiny.yaml had before it unrolled its layers and took causal_blocks attention.
+BEFORE = ("runtime.scan_layers=true", "runtime.attention=xla")
+
 # -- workers (one per process) ---------------------------------------------------------------
 
 
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                     "jax",
                     shape,
                     "float32",
-                    ("runtime.scan_layers=true", "runtime.attention=xla"),
+                    BEFORE,
                     "deepseek-jax fp32, scan + xla attn (before)",
                 ),
                 Case("jax", shape, "float32", label="deepseek-jax fp32 compute"),
@@ -313,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         # runtimes: compile them in one process and interleave their steps instead.
         print("\n## runtime variants in one process, steps interleaved (issue shapes, fp32)")
         variants = {
-            "scan + xla attention (before)": ("runtime.scan_layers=true", "runtime.attention=xla"),
+            "scan + xla attention (before)": BEFORE,
             "unrolled + xla attention": ("runtime.attention=xla",),
             "tiny.yaml (unrolled + causal_blocks 64)": (),
         }

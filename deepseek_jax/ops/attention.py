@@ -95,9 +95,14 @@ def _xla(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale):
     # The scale goes on q ([B,T,H,K]) rather than on the [B,H,T,S] scores, and the score matmul
     # writes fp32 directly: one pass less over the largest tensor of the layer.
     q_bthk = q_bthk * jnp.asarray(scale, q_bthk.dtype)
-    scores_bhts = jnp.einsum("bthk,bshk->bhts", q_bthk, k_bshk, preferred_element_type=jnp.float32)
     mask = attention_mask(t, k_bshk.shape[1], segment_ids_bt, b)
-    scores_bhts = jnp.where(mask, scores_bhts, _MASKED)
+    return _masked_attend(q_bthk, k_bshk, v_bshk, mask)
+
+
+def _masked_attend(q_bthk, k_bshk, v_bshk, mask_b1ts):
+    """softmax(q·kᵀ where mask, else masked)·v for an already scaled q; fp32 scores."""
+    scores_bhts = jnp.einsum("bthk,bshk->bhts", q_bthk, k_bshk, preferred_element_type=jnp.float32)
+    scores_bhts = jnp.where(mask_b1ts, scores_bhts, _MASKED)
     probs_bhts = jax.nn.softmax(scores_bhts, axis=-1).astype(v_bshk.dtype)
     return jnp.einsum("bhts,bshk->bthk", probs_bhts, v_bshk)
 
@@ -110,15 +115,14 @@ def _causal_blocks(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, chunk):
     outs = []
     for start in range(0, t, chunk):
         end = min(start + chunk, t)  # queries start..end-1 see keys 0..end-1 at most
-        scores_bhqs = jnp.einsum(
-            "bqhk,bshk->bhqs",
-            q_bthk[:, start:end],
-            k_bshk[:, :end],
-            preferred_element_type=jnp.float32,
+        outs.append(
+            _masked_attend(
+                q_bthk[:, start:end],
+                k_bshk[:, :end],
+                v_bshk[:, :end],
+                mask_b1ts[:, :, start:end, :end],
+            )
         )
-        scores_bhqs = jnp.where(mask_b1ts[:, :, start:end, :end], scores_bhqs, _MASKED)
-        probs_bhqs = jax.nn.softmax(scores_bhqs, axis=-1).astype(v_bshk.dtype)
-        outs.append(jnp.einsum("bhqs,bshk->bqhk", probs_bhqs, v_bshk[:, :end]))
     return jnp.concatenate(outs, axis=1)
 
 
