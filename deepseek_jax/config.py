@@ -476,7 +476,8 @@ class DataConfig:
     path: str | None = None
     glob: str = "*"
     text_field: str = "text"
-    # "byte" (UTF-8 bytes after bos 0, eos 1, pad 2) or the path of a Hugging Face tokenizer.json.
+    # "byte" (UTF-8 bytes after bos 0, eos 1, pad 2), the path of a Hugging Face tokenizer.json,
+    # or the name of one shipped in configs/tokenizers (e.g. stdlib-bpe512.json).
     tokenizer: str = "byte"
     # Special ids for a tokenizer.json; null: from tokenizer_config.json beside it, or by name.
     bos_id: int | None = None

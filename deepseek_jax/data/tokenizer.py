@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from deepseek_jax.config import ConfigError, DataConfig, ModelConfig
+from deepseek_jax.config import CONFIG_DIR, ConfigError, DataConfig, ModelConfig
 
 
 class ByteTokenizer:
@@ -142,6 +142,13 @@ class Tokenizer(Protocol):
     def decode(self, ids) -> str: ...
 
 
+def resolve_tokenizer_path(path: str) -> str:
+    """`path` itself if it exists, else the tokenizer of that name shipped in configs/tokenizers
+    (e.g. tiny.yaml's `stdlib-bpe512.json`), else `path` (the loader then names it missing)."""
+    shipped = os.path.join(CONFIG_DIR, "tokenizers", path)
+    return shipped if not os.path.exists(path) and os.path.isfile(shipped) else path
+
+
 def make_tokenizer(data: DataConfig, model: ModelConfig | None = None) -> Tokenizer:
     """The tokenizer `data.tokenizer` names, checked against `model` when given."""
     if data.tokenizer == "byte":
@@ -154,7 +161,9 @@ def make_tokenizer(data: DataConfig, model: ModelConfig | None = None) -> Tokeni
                     f"{getattr(tok, f'{kind}_id')} (set it to null)"
                 )
     else:
-        tok = HFTokenizer(data.tokenizer, data.bos_id, data.eos_id, data.pad_id)
+        tok = HFTokenizer(
+            resolve_tokenizer_path(data.tokenizer), data.bos_id, data.eos_id, data.pad_id
+        )
     if model is not None:
         check_against_model(tok, model)
     return tok
