@@ -314,6 +314,7 @@ TRAIN = [
     "runtime.compute_dtype=float32",
     "model.num_layers=2",
     "model.vocab_size=320",
+    "data.tokenizer=byte",  # 259 tokens: fits the smaller vocabulary
     "model.mtp.depth=1",
 ]
 

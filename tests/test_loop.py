@@ -28,10 +28,12 @@ def test_default_run_trains_checkpoints_and_logs(tmp_path):
     with open(run / "metrics.jsonl") as f:
         metrics = [json.loads(line) for line in f]
     assert [m["step"] for m in metrics] == list(range(1, 31))
-    first, last = metrics[0], metrics[-1]
-    # The embedded default: tiny config, byte-level tokens of the Python standard library.
+    first = metrics[0]
+    # The embedded default: tiny config, the Python standard library in the shipped BPE's tokens.
     assert abs(first["lm_loss"] - 6.24) < 0.2  # ~ln(512) at initialization
-    assert last["lm_loss"] < first["lm_loss"] - 2.0
+    late = [m["lm_loss"] for m in metrics[-5:]]
+    print("lm loss at step 1 and over the last 5 steps:", first["lm_loss"], late)
+    assert np.mean(late) < first["lm_loss"] - 1.3
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
     assert len(evals) == 2 and evals[1] < evals[0]
     keys = {"step", "loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm", "tokens_per_sec"}
@@ -51,4 +53,5 @@ def test_default_run_trains_checkpoints_and_logs(tmp_path):
     assert Checkpointer(str(run / "checkpoints"), 50, 3).all_steps() == [30]
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(run / "tensorboard"))
     with open(run / "config.json") as f:
-        assert json.load(f)["data"]["kind"] == "stdlib"
+        data = json.load(f)["data"]
+    assert (data["kind"], data["tokenizer"]) == ("stdlib", "stdlib-bpe512.json")
