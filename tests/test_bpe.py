@@ -15,6 +15,7 @@ from deepseek_jax.data import bpe
 from deepseek_jax.data.pipeline import split_indices
 from deepseek_jax.data.sources import stdlib_files
 from deepseek_jax.data.tokenizer import HFTokenizer, make_tokenizer
+from deepseek_jax.generate.text import load_tokenizer
 
 ODD_TEXT = "naïve café ☕ — 日本語\r\n\ttabs\x00nul and 😀 emoji\n"
 
@@ -46,6 +47,9 @@ def test_the_default_run_uses_the_shipped_stdlib_tokenizer():
     assert tok.vocab_size == cfg.model.vocab_size == 512
     assert (tok.bos_id, tok.eos_id) == (cfg.model.bos_token_id, cfg.model.eos_token_id)
     assert tok.decode(tok.encode(ODD_TEXT)) == ODD_TEXT
+    # `deepseek-jax generate --tokenizer` takes the shipped name too.
+    named = load_tokenizer("unused", cfg.model, tokenizer=cfg.data.tokenizer)
+    assert named.path == tok.path
     # On held-out standard library files (never seen by the trainer): ~2.1 bytes per token.
     files = stdlib_files()
     held_out = [files[i] for i in split_indices(len(files), cfg.data.eval_fraction, "eval")]

@@ -65,7 +65,7 @@ class HFTokenizer:
         eos_id: int | None = None,
         pad_id: int | None = None,
     ):
-        self.path = pathlib.Path(path)
+        self.path = pathlib.Path(resolve_tokenizer_path(os.fspath(path)))
         if self.path.is_dir():
             self.path = self.path / "tokenizer.json"
         if not self.path.is_file():
@@ -161,9 +161,7 @@ def make_tokenizer(data: DataConfig, model: ModelConfig | None = None) -> Tokeni
                     f"{getattr(tok, f'{kind}_id')} (set it to null)"
                 )
     else:
-        tok = HFTokenizer(
-            resolve_tokenizer_path(data.tokenizer), data.bos_id, data.eos_id, data.pad_id
-        )
+        tok = HFTokenizer(data.tokenizer, data.bos_id, data.eos_id, data.pad_id)
     if model is not None:
         check_against_model(tok, model)
     return tok

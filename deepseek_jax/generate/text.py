@@ -21,6 +21,7 @@ from deepseek_jax.data.tokenizer import (
     Tokenizer,
     check_against_model,
     make_tokenizer,
+    resolve_tokenizer_path,
 )
 from deepseek_jax.generate.loop import generate
 from deepseek_jax.generate.speculative import speculative_generate
@@ -32,7 +33,7 @@ def load_tokenizer(path: str | os.PathLike, model_cfg, tokenizer: str | None = N
     if tokenizer == "byte":
         tok: Tokenizer = ByteTokenizer()
     elif tokenizer:
-        if not os.path.isfile(tokenizer):
+        if not os.path.isfile(resolve_tokenizer_path(tokenizer)):
             raise FileNotFoundError(f"tokenizer file {tokenizer} does not exist")
         tok = HFTokenizer(tokenizer)
     elif os.path.isfile(os.path.join(path, "tokenizer.json")):
