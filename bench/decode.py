@@ -91,15 +91,17 @@ def call_costs(model, prompts_bt: np.ndarray, repeats: int) -> dict[str, float]:
     )
     mtp_cache = init_cache(cfg, b, p + 8, jnp.float32, layers=1)
 
+    def chunk(i, width):
+        """Call i's tokens [B, width]: different in every call."""
+        return (jnp.arange(b * width, dtype=jnp.int32).reshape(b, width) + i) % cfg.vocab_size
+
     def main_call(m, i, width):
-        tokens_bt = (jnp.arange(b * width, dtype=jnp.int32).reshape(b, width) + i) % cfg.vocab_size
-        logits, new_cache = forward_with_cache(m, tokens_bt, cache)
+        logits, new_cache = forward_with_cache(m, chunk(i, width), cache)
         return logits.sum() + new_cache.c_lbsr[:, :, p].sum()
 
     def mtp_call(m, i, width):
-        tokens_bt = (jnp.arange(b * width, dtype=jnp.int32).reshape(b, width) + i) % cfg.vocab_size
         h = jnp.full((b, width, cfg.hidden_size), 0.01, jnp.float32) * i.astype(jnp.float32)
-        _, logits, new_cache = mtp_with_cache(m, h, tokens_bt, mtp_cache)
+        _, logits, new_cache = mtp_with_cache(m, h, chunk(i, width), mtp_cache)
         return logits.sum() + new_cache.c_lbsr[:, :, 0].sum()
 
     def per_call(call, width):

@@ -99,7 +99,7 @@ def _local(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD, *, impl, pl
         return _per_pair(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD)
     flat_m = experts_nk.reshape(-1)
     order_m = jnp.argsort(flat_m, stable=True)
-    sizes_e = jnp.bincount(flat_m, length=gate_EDF.shape[0]).astype(jnp.int32)
+    sizes_e = jnp.bincount(flat_m, length=e).astype(jnp.int32)
     x_md = checkpoint_name(x_nd[order_m // k], "moe_dispatch")
     out_md = grouped_swiglu(x_md, sizes_e, gate_EDF, up_EDF, down_EFD, impl=impl, platform=platform)
     return _combine(out_md, order_m, weights_nk)
