@@ -8,11 +8,12 @@ being causal and, with segment ids, block-diagonal over packed documents:
   output sliced back: the extra columns are p·0. cudnn needs a CUDA GPU.
 - splash: TPU Pallas splash attention (causal mask, segment ids), one kernel per local batch
   row under `shard_map` when a mesh is present. Runs anywhere in Pallas interpret mode (tests).
-- causal_blocks: the xla kernel run per block of `attention_chunk_size` queries, each against
-  only the keys up to its own end (its causal prefix), unrolled, with autodiff's backward. With
-  n blocks it computes (n+1)/2n of the [T, S] scores (5/8 at n = 4); the saving is the causal
-  half that xla masks after computing it. For short sequences where per-op overhead matters (a
-  CPU): the score blocks together are as large as xla's masked matrix, minus the skipped part.
+- causal_blocks: the xla computation run per block of `attention_chunk_size` queries, each
+  against only the keys up to its own end (its causal prefix), unrolled, with a hand-written
+  backward (FlashAttention's, on the saved blocks). With n blocks it computes (n+1)/2n of the
+  [T, S] scores (5/8 at n = 4); the saving is the causal half that xla masks after computing
+  it. For short sequences on a CPU: the score blocks together are as large as xla's masked
+  matrix, minus the skipped part, and each takes two passes forward and one backward.
 - chunked: pure XLA online softmax over blocks of `attention_chunk_size` queries and keys,
   with its own backward (FlashAttention-2's recurrences), so neither pass ever holds more than
   one [B, H, c, c] block of scores; key blocks entirely in a query block's future are skipped.
@@ -108,22 +109,122 @@ def _masked_attend(q_bthk, k_bshk, v_bshk, mask_b1ts):
 
 
 def _causal_blocks(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, chunk):
-    """`_xla` per block of `chunk` queries over its causal key prefix; the blocks concatenated."""
-    b, t = q_bthk.shape[:2]
-    q_bthk = q_bthk * jnp.asarray(scale, q_bthk.dtype)
-    mask_b1ts = attention_mask(t, t, segment_ids_bt, b)
-    outs = []
-    for start in range(0, t, chunk):
-        end = min(start + chunk, t)  # queries start..end-1 see keys 0..end-1 at most
-        outs.append(
-            _masked_attend(
-                q_bthk[:, start:end],
-                k_bshk[:, :end],
-                v_bshk[:, :end],
-                mask_b1ts[:, :, start:end, :end],
+    """softmax(q·kᵀ)·v per block of `chunk` queries over its causal key prefix; own backward."""
+    return _blocks(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, chunk)
+
+
+def _block_bounds(t: int, chunk: int) -> list[tuple[int, int]]:
+    """(start, end) of each query block; queries start..end-1 see keys 0..end-1 at most."""
+    return [(a, min(a + chunk, t)) for a in range(0, t, chunk)]
+
+
+def _block_mask(segment_ids_bt, a: int, e: int):
+    """[B or 1, 1, e-a, e] boolean mask of query block a..e-1 against keys 0..e-1."""
+    causal_qs = jnp.arange(a, e)[:, None] >= jnp.arange(e)[None, :]
+    if segment_ids_bt is None:
+        return causal_qs[None, None]
+    same_bqs = segment_ids_bt[:, a:e, None] == segment_ids_bt[:, None, :e]
+    return (causal_qs[None] & same_bqs)[:, None]
+
+
+def _bhtk(x_bthk):
+    return jnp.transpose(x_bthk, (0, 2, 1, 3))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocks(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, chunk):
+    return _blocks_fwd(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, chunk)[0]
+
+
+def _blocks_fwd(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, chunk):
+    """Per block: fp32 scores, unnormalized p = exp(s - rowmax), o = (p·v) / rowsum(p).
+
+    Heads move ahead of time once ([B, H, T, K]) instead of around every block's matmuls.
+    Saved for the backward: the blocks' p and row sums (5/8 of a [T, S] matrix at 4 blocks,
+    what autodiff would keep too) and the fp32 output.
+    """
+    t, cdt = q_bthk.shape[1], v_bshk.dtype
+    q_bhtk = _bhtk(q_bthk * jnp.asarray(scale, q_bthk.dtype))
+    k_bhsk, v_bhsk = _bhtk(k_bshk), _bhtk(v_bshk)
+    outs, probs, sums = [], [], []
+    for a, e in _block_bounds(t, chunk):
+        s_bhqs = jnp.einsum(
+            "bhqk,bhsk->bhqs",
+            q_bhtk[:, :, a:e],
+            k_bhsk[:, :, :e],
+            preferred_element_type=jnp.float32,
+        )
+        s_bhqs = jnp.where(_block_mask(segment_ids_bt, a, e), s_bhqs, _MASKED)
+        # Every row holds its own diagonal, so the row max is finite and masked p are exactly 0.
+        p_bhqs = jnp.exp(s_bhqs - s_bhqs.max(-1, keepdims=True))
+        l_bhq1 = p_bhqs.sum(-1, keepdims=True)
+        pv_bhqk = jnp.einsum(
+            "bhqs,bhsk->bhqk",
+            p_bhqs.astype(cdt),
+            v_bhsk[:, :, :e],
+            preferred_element_type=jnp.float32,
+        )
+        outs.append(pv_bhqk / l_bhq1)
+        probs.append(p_bhqs)
+        sums.append(l_bhq1)
+    o_bhtk = jnp.concatenate(outs, axis=2)
+    out_bthk = _bhtk(o_bhtk).astype(cdt)
+    return out_bthk, (q_bhtk, k_bhsk, v_bhsk, o_bhtk, probs, sums, segment_ids_bt)
+
+
+def _blocks_bwd(scale, chunk, residuals, dout_bthk):
+    """FlashAttention's backward on the saved blocks, with P = p / l folded into dO / l:
+
+    dV += pᵀ·(dO/l);  dS = p ⊙ ((dO/l)·vᵀ - rowsum((dO/l) ⊙ O));  dQ = dS·k·scale;  dK += dSᵀ·q.
+    """
+    q_bhtk, k_bhsk, v_bhsk, o_bhtk, probs, sums, segment_ids_bt = residuals
+    t, cdt = q_bhtk.shape[2], v_bhsk.dtype
+    do_bhtk = _bhtk(dout_bthk).astype(jnp.float32)
+    dq_blocks = []
+    dk_bhsk = jnp.zeros(k_bhsk.shape, jnp.float32)
+    dv_bhsk = jnp.zeros(v_bhsk.shape, jnp.float32)
+    for (a, e), p_bhqs, l_bhq1 in zip(_block_bounds(t, chunk), probs, sums, strict=True):
+        dol_bhqk = do_bhtk[:, :, a:e] / l_bhq1
+        delta_bhq1 = jnp.sum(dol_bhqk * o_bhtk[:, :, a:e], axis=-1, keepdims=True)
+        dv_bhsk = dv_bhsk.at[:, :, :e].add(
+            jnp.einsum(
+                "bhqs,bhqk->bhsk",
+                p_bhqs.astype(cdt),
+                dol_bhqk.astype(cdt),
+                preferred_element_type=jnp.float32,
             )
         )
-    return jnp.concatenate(outs, axis=1)
+        dp_bhqs = jnp.einsum(
+            "bhqk,bhsk->bhqs",
+            dol_bhqk.astype(cdt),
+            v_bhsk[:, :, :e],
+            preferred_element_type=jnp.float32,
+        )
+        ds_bhqs = (p_bhqs * (dp_bhqs - delta_bhq1)).astype(cdt)
+        dq_blocks.append(
+            jnp.einsum(
+                "bhqs,bhsk->bhqk", ds_bhqs, k_bhsk[:, :, :e], preferred_element_type=jnp.float32
+            )
+        )
+        dk_bhsk = dk_bhsk.at[:, :, :e].add(
+            jnp.einsum(
+                "bhqs,bhqk->bhsk", ds_bhqs, q_bhtk[:, :, a:e], preferred_element_type=jnp.float32
+            )
+        )
+    # q was scaled before the scores, so dK already carries the scale; dQ takes it here.
+    dq_bhtk = jnp.concatenate(dq_blocks, axis=2) * jnp.float32(scale)
+    ids_ct = None
+    if segment_ids_bt is not None:
+        ids_ct = np.zeros(segment_ids_bt.shape, jax.dtypes.float0)
+    return (
+        _bhtk(dq_bhtk).astype(q_bhtk.dtype),
+        _bhtk(dk_bhsk).astype(k_bhsk.dtype),
+        _bhtk(dv_bhsk).astype(cdt),
+        ids_ct,
+    )
+
+
+_blocks.defvjp(_blocks_fwd, _blocks_bwd)
 
 
 def _dpa(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, implementation):
