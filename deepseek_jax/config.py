@@ -710,12 +710,19 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def _resolve_config_path(path: str | os.PathLike) -> str:
+    """A config file's path: `path` itself when it is a file, else the shipped config of that
+    name. A directory never counts: a run directory called `tiny` in the working directory
+    (`train.run_dir=tiny`) must not hide `configs/tiny.yaml`."""
     path = os.fspath(path)
-    if os.path.exists(path):
+    if os.path.isfile(path):
         return path
     candidate = os.path.join(CONFIG_DIR, path if path.endswith(".yaml") else f"{path}.yaml")
-    if os.path.exists(candidate):
+    if os.path.isfile(candidate):
         return candidate
+    if os.path.isdir(path):
+        raise FileNotFoundError(
+            f"config {path!r} is a directory, not a YAML file (and {candidate} does not exist)"
+        )
     raise FileNotFoundError(f"config file not found: {path} (also looked for {candidate})")
 
 

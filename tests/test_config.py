@@ -576,6 +576,17 @@ def test_missing_config_file(tmp_path):
         load_config("no-such-config")
 
 
+def test_a_directory_does_not_shadow_a_shipped_config(tmp_path, monkeypatch):
+    """`deepseek-jax train` after a run with `train.run_dir=tiny`: the directory ./tiny is not
+    a config, so the name still means configs/tiny.yaml; a directory alone is refused by name."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert load_config("tiny").model == load_config(os.path.join(CONFIG_DIR, "tiny.yaml")).model
+    (tmp_path / "my-run").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"'my-run' is a directory, not a YAML file"):
+        load_config("my-run")
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. from_hf_config.
 
