@@ -36,8 +36,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from step_setup import Case, compiled_step, config_for, random_batch  # noqa: E402
 
-# The runtime tiny.yaml had before it unrolled its layers and took causal_blocks attention.
-BEFORE = ("runtime.scan_layers=true", "runtime.attention=xla")
+# The runtime tiny.yaml had before it unrolled its layers, took causal_blocks attention and the
+# tiled cross-entropy.
+BEFORE = ("runtime.scan_layers=true", "runtime.attention=xla", "runtime.cross_entropy=full")
 
 # -- workers (one per process) ---------------------------------------------------------------
 
@@ -316,9 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         # runtimes: compile them in one process and interleave their steps instead.
         print("\n## runtime variants in one process, steps interleaved (issue shapes, fp32)")
         variants = {
-            "scan + xla attention (before)": BEFORE,
-            "unrolled + xla attention": ("runtime.attention=xla",),
-            "tiny.yaml (unrolled + causal_blocks 64)": (),
+            "scan + xla attention + full CE (before)": BEFORE,
+            "unrolled + xla attention + full CE": (
+                "runtime.attention=xla",
+                "runtime.cross_entropy=full",
+            ),
+            "unrolled + causal_blocks 64 + full CE": ("runtime.cross_entropy=full",),
+            "tiny.yaml (unrolled, causal_blocks 64, tiled CE)": (),
         }
         times = interleaved(variants, args.steps * 2, args.warmup)
         base = statistics.median(next(iter(times.values())))
