@@ -96,21 +96,11 @@ def _xla(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale):
     # The scale goes on q ([B,T,H,K]) rather than on the [B,H,T,S] scores, and the score matmul
     # writes fp32 directly: one pass less over the largest tensor of the layer.
     q_bthk = q_bthk * jnp.asarray(scale, q_bthk.dtype)
-    mask = attention_mask(t, k_bshk.shape[1], segment_ids_bt, b)
-    return _masked_attend(q_bthk, k_bshk, v_bshk, mask)
-
-
-def _masked_attend(q_bthk, k_bshk, v_bshk, mask_b1ts):
-    """softmax(q·kᵀ where mask, else masked)·v for an already scaled q; fp32 scores."""
+    mask_b1ts = attention_mask(t, k_bshk.shape[1], segment_ids_bt, b)
     scores_bhts = jnp.einsum("bthk,bshk->bhts", q_bthk, k_bshk, preferred_element_type=jnp.float32)
     scores_bhts = jnp.where(mask_b1ts, scores_bhts, _MASKED)
     probs_bhts = jax.nn.softmax(scores_bhts, axis=-1).astype(v_bshk.dtype)
     return jnp.einsum("bhts,bshk->bthk", probs_bhts, v_bshk)
-
-
-def _causal_blocks(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, chunk):
-    """softmax(q·kᵀ)·v per block of `chunk` queries over its causal key prefix; own backward."""
-    return _blocks(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, chunk)
 
 
 def _block_bounds(t: int, chunk: int) -> list[tuple[int, int]]:
@@ -118,21 +108,13 @@ def _block_bounds(t: int, chunk: int) -> list[tuple[int, int]]:
     return [(a, min(a + chunk, t)) for a in range(0, t, chunk)]
 
 
-def _block_mask(segment_ids_bt, a: int, e: int):
-    """[B or 1, 1, e-a, e] boolean mask of query block a..e-1 against keys 0..e-1."""
-    causal_qs = jnp.arange(a, e)[:, None] >= jnp.arange(e)[None, :]
-    if segment_ids_bt is None:
-        return causal_qs[None, None]
-    same_bqs = segment_ids_bt[:, a:e, None] == segment_ids_bt[:, None, :e]
-    return (causal_qs[None] & same_bqs)[:, None]
-
-
 def _bhtk(x_bthk):
     return jnp.transpose(x_bthk, (0, 2, 1, 3))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _blocks(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, chunk):
+def _causal_blocks(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, chunk):
+    """softmax(q·kᵀ)·v per block of `chunk` queries over its causal key prefix; own backward."""
     return _blocks_fwd(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, chunk)[0]
 
 
@@ -143,8 +125,10 @@ def _blocks_fwd(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, chunk):
     Saved for the backward: the blocks' p and row sums (5/8 of a [T, S] matrix at 4 blocks,
     what autodiff would keep too) and the fp32 output.
     """
-    t, cdt = q_bthk.shape[1], v_bshk.dtype
+    b, t = q_bthk.shape[:2]
+    cdt = v_bshk.dtype
     q_bhtk = _bhtk(q_bthk * jnp.asarray(scale, q_bthk.dtype))
+    mask_b1ts = attention_mask(t, t, segment_ids_bt, b)
     k_bhsk, v_bhsk = _bhtk(k_bshk), _bhtk(v_bshk)
     outs, probs, sums = [], [], []
     for a, e in _block_bounds(t, chunk):
@@ -154,7 +138,7 @@ def _blocks_fwd(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, chunk):
             k_bhsk[:, :, :e],
             preferred_element_type=jnp.float32,
         )
-        s_bhqs = jnp.where(_block_mask(segment_ids_bt, a, e), s_bhqs, _MASKED)
+        s_bhqs = jnp.where(mask_b1ts[:, :, a:e, :e], s_bhqs, _MASKED)
         # Every row holds its own diagonal, so the row max is finite and masked p are exactly 0.
         p_bhqs = jnp.exp(s_bhqs - s_bhqs.max(-1, keepdims=True))
         l_bhq1 = p_bhqs.sum(-1, keepdims=True)
@@ -224,7 +208,7 @@ def _blocks_bwd(scale, chunk, residuals, dout_bthk):
     )
 
 
-_blocks.defvjp(_blocks_fwd, _blocks_bwd)
+_causal_blocks.defvjp(_blocks_fwd, _blocks_bwd)
 
 
 def _dpa(q_bthk, k_bshk, v_bshk, segment_ids_bt, scale, implementation):
