@@ -13,7 +13,7 @@ import pytest
 from deepseek_jax.config import load_config
 from deepseek_jax.data import bpe
 from deepseek_jax.data.pipeline import split_indices
-from deepseek_jax.data.sources import stdlib_files
+from deepseek_jax.data.sources import stdlib_source
 from deepseek_jax.data.tokenizer import HFTokenizer, make_tokenizer
 from deepseek_jax.generate.text import load_tokenizer
 
@@ -51,9 +51,8 @@ def test_the_default_run_uses_the_shipped_stdlib_tokenizer():
     named = load_tokenizer("unused", cfg.model, tokenizer=cfg.data.tokenizer)
     assert named.path == tok.path
     # On held-out standard library files (never seen by the trainer): ~2.1 bytes per token.
-    files = stdlib_files()
-    held_out = [files[i] for i in split_indices(len(files), cfg.data.eval_fraction, "eval")]
-    text = "".join(p.read_text(encoding="utf-8", errors="replace") for p in held_out)
+    source = stdlib_source()
+    text = "".join(source[i] for i in split_indices(len(source), cfg.data.eval_fraction, "eval"))
     ratio = len(text.encode()) / len(tok.encode(text))
     assert 1.8 < ratio < 2.6, ratio
 

@@ -43,16 +43,14 @@ def train_byte_bpe(texts: Iterable[str], vocab_size: int):
 
 
 def stdlib_train_texts(eval_fraction: float) -> Iterable[str]:
-    """The texts of the standard library's training split (as `data.kind=stdlib` splits it)."""
+    """The texts of the standard library's training split: the pipeline's own source and split
+    (`data.kind=stdlib`), so the held-out documents are exactly the ones training holds out."""
     from deepseek_jax.data.pipeline import split_indices
-    from deepseek_jax.data.sources import stdlib_files
+    from deepseek_jax.data.sources import stdlib_source
 
-    files = stdlib_files()
-    for i in split_indices(len(files), eval_fraction, "train"):
-        try:
-            yield files[i].read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):  # the data source skips these files too
-            continue
+    source = stdlib_source()
+    for i in split_indices(len(source), eval_fraction, "train"):
+        yield source[i]
 
 
 def main(argv: list[str] | None = None) -> int:
