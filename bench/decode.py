@@ -3,11 +3,14 @@ token, and MTP speculative decoding against plain decoding, on a trained tiny mo
 
     python bench/decode.py                       # trains runs/bench-tiny first if it is empty
     python bench/decode.py --checkpoint runs/tiny --batch 8 --new-tokens 128
+    python bench/decode.py --batch 1 --shapes    # + where a verify's extra cost comes from
 
 Prints tokens/s of each method (compilation excluded: every jitted function runs once before
 it is timed, then the best of --repeats runs counts), the MTP draft's acceptance rate, and the
-cache's bytes per token against a cache of expanded keys and values. Figures on a CPU say
-little about an accelerator; compare methods with each other, on the same machine.
+cache's bytes per token against a cache of expanded keys and values, and the acceptance rate
+at which speculation would break even (or reach 1.2x) given the measured per-call costs.
+Figures on a CPU say little about an accelerator; compare methods with each other, on the same
+machine.
 """
 
 from __future__ import annotations
@@ -121,6 +124,46 @@ def call_costs(model, prompts_bt: np.ndarray, repeats: int) -> dict[str, float]:
     return out
 
 
+def ffn_shapes(cfg) -> dict:
+    """Model configs shaped like `cfg` but for the FFNs: as is; with as many routed experts as
+    each token picks (every token uses every expert, so two tokens read no more expert matrices
+    than one); and with every layer dense."""
+    from deepseek_jax.config import replace
+
+    k = cfg.moe.n_experts_per_tok
+    return {
+        "as trained": cfg,
+        f"{k} routed experts, top-{k}": replace(
+            cfg, **{"moe.n_routed_experts": k, "moe.n_group": 1, "moe.topk_group": 1}
+        ),
+        "every layer dense": replace(cfg, **{"moe.first_k_dense_replace": cfg.num_layers}),
+    }
+
+
+def verify_cost_by_shape(cfg, prompts_bt: np.ndarray, repeats: int) -> dict[str, dict]:
+    """`call_costs` of a random-weight model of each of `ffn_shapes(cfg)`. Where the
+    verify/step ratio falls between them says how much of a verify's extra cost is the
+    routed experts' (each (token, expert) pair reads its expert's matrices)."""
+    from deepseek_jax.model.transformer import DeepSeek
+    from deepseek_jax.runtime import Runtime
+
+    rt = Runtime.of(compute_dtype="float32", param_dtype="float32")
+    return {
+        name: call_costs(DeepSeek(c, nnx.Rngs(0), rt), prompts_bt, repeats)
+        for name, c in ffn_shapes(cfg).items()
+    }
+
+
+def acceptance_needed(costs: dict[str, float], speedup: float) -> float:
+    """The draft acceptance rate a at which one verify plus one draft (1-token after a
+    rejection, 2-token after a kept draft) costs 1/speedup of the (1 + a) plain steps it
+    replaces: speedup·(verify + mtp_1 + a·(mtp_2 - mtp_1)) = (1 + a)·step. Above 1: out of reach
+    with one draft token."""
+    step, verify = costs["main_1"], costs["main_2"]
+    extra = costs["mtp_2"] - costs["mtp_1"]
+    return (speedup * (verify + costs["mtp_1"]) - step) / (step - speedup * extra)
+
+
 def timed(fn, repeats: int) -> tuple[float, object]:
     out = fn()  # compile and warm up
     best = float("inf")
@@ -152,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--shapes",
+        action="store_true",
+        help="also time a verify against a step on random models with the same widths: as "
+        "trained, with every routed expert active, and all dense",
+    )
     args = parser.parse_args(argv)
 
     path = args.checkpoint
@@ -213,6 +262,18 @@ def main(argv: list[str] | None = None) -> int:
             f", MTP draft {1e6 * costs['mtp_1']:.0f} / {1e6 * costs['mtp_2']:.0f} (1 / 2 tokens)"
         )
     print(line)
+    if "mtp_2" in costs:
+        print(
+            f"acceptance needed      : {acceptance_needed(costs, 1.0):.2f} to break even, "
+            f"{acceptance_needed(costs, 1.2):.2f} for 1.2x (from these per-call costs)"
+        )
+    if args.shapes:
+        print("verify/step by FFN shape (random weights, same attention and widths):")
+        for name, c in verify_cost_by_shape(cfg, prompts_bt, max(args.repeats, 10)).items():
+            print(
+                f"  {name:<24} decode step {1e6 * c['main_1']:4.0f} us, 2-token verify "
+                f"{1e6 * c['main_2']:4.0f} us ({c['main_2'] / c['main_1']:.2f}x)"
+            )
 
     for name, c in (
         ("this model", cfg),
