@@ -8,6 +8,11 @@ import numpy as np
 import torch
 
 TOL = 1e-4  # fixed; never loosened
+# Router gaps below this are ties at fp32 rounding level: positions from one on are not held to
+# TOL (`routing_margins`). Smallest gap per parity case: 2.4e-7 in v3_q_lora_null (where one
+# machine's XLA broke the tie the other way from PyTorch: logit diff 0.37), 1.3e-6 in v2_greedy,
+# 6.2e-6 in v2_group_limited_greedy, 1.7e-5 in v3_grouped_bias_yarn.
+ROUTING_TIE = 1e-5
 VOCAB, T = 160, 96
 ORIGINAL_CONTEXT = 32  # YaRN's pre-extension length; T = 3x beyond it
 
@@ -96,6 +101,48 @@ def random_tokens(seed: int = 0, batch: int = 2) -> np.ndarray:
 def hf_logits(model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return model(torch.from_numpy(tokens).long()).logits.float().numpy()
+
+
+def routing_margins(model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
+    """[B, T]: per token, the smallest gap over the MoE layers between the last choice its
+    router made and the first it did not (the topk_group-th vs the next group score where groups
+    limit the choice, the K-th vs the next expert score), from transformers' fp32 router logits.
+
+    A gap at fp32 rounding level is a tie that two correct implementations may break either way.
+    """
+    cfg, logits = model.config, []
+    method = getattr(cfg, "topk_method", "noaux_tc")  # V3 configs route only this way
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: logits.append(out[0].detach()))
+        for name, m in model.named_modules()
+        if type(m).__name__.endswith("TopkRouter")
+    ]
+    try:
+        hf_logits(model, tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    margins = []
+    for layer, router_logits in enumerate(logits):
+        n, e = router_logits.shape
+        if method == "noaux_tc":
+            bias = [m for m in model.modules() if type(m).__name__.endswith("TopkRouter")][layer]
+            choice = router_logits.sigmoid() + bias.e_score_correction_bias
+            group_score = choice.view(n, cfg.n_group, -1).topk(2, dim=-1)[0].sum(-1)
+        else:
+            choice = router_logits.softmax(dim=-1)
+            group_score = choice.view(n, cfg.n_group, -1).max(dim=-1).values
+        gap = torch.full((n,), float("inf"))
+        if method != "greedy" and cfg.n_group > 1:
+            g_sorted, g_idx = group_score.sort(dim=-1, descending=True)
+            gap = g_sorted[:, cfg.topk_group - 1] - g_sorted[:, cfg.topk_group]
+            kept = torch.zeros_like(group_score, dtype=torch.bool)
+            kept.scatter_(1, g_idx[:, : cfg.topk_group], True)
+            choice = choice.masked_fill(~kept.repeat_interleave(e // cfg.n_group, 1), -1.0)
+        c_sorted = choice.sort(dim=-1, descending=True).values
+        k = cfg.num_experts_per_tok
+        margins.append(torch.minimum(gap, c_sorted[:, k - 1] - c_sorted[:, k]))
+    return torch.stack(margins).min(0).values.reshape(tokens.shape).numpy()
 
 
 def our_logits(model, tokens: np.ndarray) -> np.ndarray:

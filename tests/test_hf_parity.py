@@ -17,6 +17,7 @@ import pytest
 import torch
 from hf_models import (
     FP8_BLOCK,
+    ROUTING_TIE,
     TOL,
     V2_BASE,
     V3_BASE,
@@ -28,6 +29,7 @@ from hf_models import (
     our_logits,
     random_tokens,
     randomize,
+    routing_margins,
 )
 from transformers import (
     DeepseekV2Config,
@@ -77,10 +79,19 @@ def test_logits_match_transformers(saved_case):
     tokens = random_tokens()
     ref = hf_logits(hf_model, tokens)
     ours = our_logits(deepseek_jax.load(path), tokens)
-    err = float(np.abs(ours - ref).max())
-    FIGURES[name] = err
-    print(f"\n[parity] {name}: max |logit diff| = {err:.2e} (logit scale {np.abs(ref).max():.2f})")
     assert ours.shape == (2, T, VOCAB)
+    # A token whose routing is a tie at fp32 rounding level may go to either expert in a correct
+    # implementation (the order of a dot's sums decides), and through attention its row's later
+    # tokens see the difference: those positions are left out, the rest must match to TOL.
+    tie_bt = routing_margins(hf_model, tokens) < ROUTING_TIE
+    compared_bt = ~np.cumsum(tie_bt, axis=1).astype(bool)
+    assert compared_bt.sum(axis=1).min() >= T // 2, f"routing ties at {np.argwhere(tie_bt)}"
+    err = float(np.abs(ours - ref)[compared_bt].max())
+    FIGURES[name] = err
+    print(
+        f"\n[parity] {name}: max |logit diff| = {err:.2e} (logit scale {np.abs(ref).max():.2f}; "
+        f"{(~compared_bt).sum()} of {compared_bt.size} positions after a routing tie left out)"
+    )
     assert err <= TOL
 
 
