@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.config import RuntimeConfig
+from deepseek_jax.ops import matmul
 from deepseek_jax.sharding import Sharding, constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -52,6 +53,11 @@ class Runtime:
         if self.sharding is not None:
             return self.sharding.mesh.devices.flat[0].platform
         return jax.default_backend()
+
+    def einsum(self, spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+        """`jnp.einsum(spec, a, b)` of an activation and a weight in the compute dtype, run where
+        this platform's library matmuls are fast (`ops/matmul.py`)."""
+        return matmul.einsum(spec, a, b, self.platform)
 
     def constrain(self, x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
         """Constrain `x` by logical axis names on this runtime's mesh (identity without one)."""

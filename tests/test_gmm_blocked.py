@@ -52,12 +52,30 @@ def test_matches_ragged_dot(m, e, d, f, total, empty, tile):
     assert not np.any(np.asarray(grads[0][int(sizes.sum()) :]))
 
 
-def test_bfloat16_matches_ragged_dot():
-    x, w, sizes, _ = _problem(1, 96, 8, 16, 8, 90, (3,), jnp.bfloat16)
-    out = gmm_blocked(x, w, sizes)
+@pytest.mark.parametrize("tile", [None, 1, 4])
+def test_bfloat16_matches_ragged_dot(tile):
+    # bf16 operands, fp32 accumulation (the weight gradient contracts each tile's rows as two
+    # axes when the tile has an even number of them; tile 1 takes the one-axis form).
+    x, w, sizes, ct = _problem(1, 96, 8, 16, 8, 90, (3,), jnp.bfloat16)
+    x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+    out = gmm_blocked(x, w, sizes, tile)
     assert out.dtype == jnp.bfloat16
-    ref = jax.lax.ragged_dot(x.astype(jnp.float32), w.astype(jnp.float32), sizes)
+    ref = jax.lax.ragged_dot(x32, w32, sizes)
     np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=0.1, rtol=2e-2)
+
+    def loss(fn, x, w):
+        return jnp.sum(fn(x, w).astype(jnp.float32) * ct)
+
+    grads = jax.jit(
+        jax.grad(lambda x, w: loss(lambda x, w: gmm_blocked(x, w, sizes, tile), x, w), (0, 1))
+    )(x, w)
+    grads_ref = jax.grad(
+        lambda x, w: loss(lambda x, w: jax.lax.ragged_dot(x, w, sizes), x, w), (0, 1)
+    )(x32, w32)
+    for got, want in zip(grads, grads_ref, strict=True):
+        assert got.dtype == jnp.bfloat16
+        scale = float(np.abs(np.asarray(want)).max())
+        np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale, rtol=2e-2)
 
 
 def test_tile_count_bounds_every_split():

@@ -98,10 +98,10 @@ class SwiGLU(nnx.Module):
         self.down_FD = param(rngs, (width, d), ("mlp", "embed"), cfg, rt)
 
     def __call__(self, x_btd: jax.Array) -> jax.Array:
-        gate_btf = jnp.einsum("btd,df->btf", x_btd, cast(self.gate_DF, self.rt))
-        up_btf = jnp.einsum("btd,df->btf", x_btd, cast(self.up_DF, self.rt))
+        gate_btf = self.rt.einsum("btd,df->btf", x_btd, cast(self.gate_DF, self.rt))
+        up_btf = self.rt.einsum("btd,df->btf", x_btd, cast(self.up_DF, self.rt))
         hidden_btf = checkpoint_name(jax.nn.silu(gate_btf) * up_btf, "mlp_hidden")
-        return jnp.einsum("btf,fd->btd", hidden_btf, cast(self.down_FD, self.rt))
+        return self.rt.einsum("btf,fd->btd", hidden_btf, cast(self.down_FD, self.rt))
 
 
 class Embed(nnx.Module):

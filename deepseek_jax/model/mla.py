@@ -49,14 +49,14 @@ class MLA(nnx.Module):
     def queries(self, x_btd: jax.Array) -> jax.Array:
         """q [B, T, H, d_n + d_r], before RoPE."""
         if self.cfg.mla.q_lora_rank is None:
-            return jnp.einsum("btd,dhk->bthk", x_btd, cast(self.wq_DHK, self.rt))
-        cq_btq = self.q_norm(jnp.einsum("btd,dq->btq", x_btd, cast(self.wq_a_DQ, self.rt)))
-        return jnp.einsum("btq,qhk->bthk", cq_btq, cast(self.wq_b_QHK, self.rt))
+            return self.rt.einsum("btd,dhk->bthk", x_btd, cast(self.wq_DHK, self.rt))
+        cq_btq = self.q_norm(self.rt.einsum("btd,dq->btq", x_btd, cast(self.wq_a_DQ, self.rt)))
+        return self.rt.einsum("btq,qhk->bthk", cq_btq, cast(self.wq_b_QHK, self.rt))
 
     def latents(self, x_btd: jax.Array, cos_btk, sin_btk) -> tuple[jax.Array, jax.Array]:
         """Per-token state a cache holds: normed latent [B,T,R] and RoPE'd key [B,T,d_r]."""
-        c_btr = self.kv_norm(jnp.einsum("btd,dr->btr", x_btd, cast(self.wkv_a_DR, self.rt)))
-        k_pe_btk = jnp.einsum("btd,dk->btk", x_btd, cast(self.wk_rope_DK, self.rt))
+        c_btr = self.kv_norm(self.rt.einsum("btd,dr->btr", x_btd, cast(self.wkv_a_DR, self.rt)))
+        k_pe_btk = self.rt.einsum("btd,dk->btk", x_btd, cast(self.wk_rope_DK, self.rt))
         # Tagged for remat policies: the small per-token state every head's K and V come from.
         c_btr = checkpoint_name(c_btr, "mla_latent")
         k_pe_btk = checkpoint_name(apply_rope(k_pe_btk, cos_btk, sin_btk), "mla_latent")
@@ -76,8 +76,8 @@ class MLA(nnx.Module):
             [q_bthk[..., :d_n], apply_rope(q_bthk[..., d_n:], cos_btk, sin_btk)], axis=-1
         )
         c_bsr, k_pe_bsk = self.latents(x_btd, cos_btk, sin_btk)
-        k_nope_bshk = jnp.einsum("bsr,rhk->bshk", c_bsr, cast(self.wk_b_RHK, rt))
-        v_bshk = jnp.einsum("bsr,rhk->bshk", c_bsr, cast(self.wv_b_RHK, rt))
+        k_nope_bshk = rt.einsum("bsr,rhk->bshk", c_bsr, cast(self.wk_b_RHK, rt))
+        v_bshk = rt.einsum("bsr,rhk->bshk", c_bsr, cast(self.wv_b_RHK, rt))
         # One RoPE key shared by every head (SPEC §1), broadcast next to each head's nope key.
         b, s, d_r = k_pe_bsk.shape
         k_pe_bshk = jnp.broadcast_to(k_pe_bsk[:, :, None], (b, s, h, d_r))
@@ -91,4 +91,4 @@ class MLA(nnx.Module):
             rt=rt,
         )
         out_bthk = checkpoint_name(out_bthk, "attention_out")
-        return jnp.einsum("bthk,hkd->btd", out_bthk, cast(self.wo_HKD, rt))
+        return rt.einsum("bthk,hkd->btd", out_bthk, cast(self.wo_HKD, rt))

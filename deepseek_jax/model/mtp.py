@@ -40,7 +40,7 @@ class MTPModule(nnx.Module):
     def block_input(self, h_btd: jax.Array, emb_btd: jax.Array) -> jax.Array:
         """h' = [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)] W_k, the block's input."""
         joined_bt2d = jnp.concatenate([self.emb_norm(emb_btd), self.hidden_norm(h_btd)], axis=-1)
-        return jnp.einsum("bte,ed->btd", joined_bt2d, cast(self.proj_2DD, self.rt))
+        return self.rt.einsum("bte,ed->btd", joined_bt2d, cast(self.proj_2DD, self.rt))
 
 
 def shift_tokens(tokens_bt: jax.Array, k: int, pad: int = 0) -> jax.Array:

@@ -93,6 +93,27 @@ def _rows(out_ntf: jax.Array, slot_m: jax.Array, valid_m: jax.Array) -> jax.Arra
     return jnp.where(valid_m[:, None], out_pf[slot_m], 0)
 
 
+def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """An einsum accumulated in fp32 and written in fp32: XLA:CPU runs bf16 dots on its library
+    kernel (AMX where the CPU has it) only when they write fp32 (see ops/matmul.py)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _tile_weight_grads(x_ntd: jax.Array, g_ntf: jax.Array) -> jax.Array:
+    """x_tileᵀ g_tile per tile, [n, D, F] fp32.
+
+    The tile's rows are contracted as two axes (t = 2 x t/2): XLA:CPU then copies x into the
+    transposed layout its bf16 kernel takes, where a contraction over one leading axis runs as
+    an fp32 dot on converted operands. Measured for 47 tiles of 256 rows, D 256, F 128, bf16:
+    8.3 ms in one axis, 2.3 ms in two.
+    """
+    n, t, d = x_ntd.shape
+    if t % 2:
+        return _dot("ntd,ntf->ndf", x_ntd, g_ntf)
+    halves = (n, 2, t // 2)
+    return _dot("nabd,nabf->ndf", x_ntd.reshape(*halves, d), g_ntf.reshape(*halves, -1))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _gmm(x_md, w_EDF, group_sizes_e, t):
     return _gmm_fwd(x_md, w_EDF, group_sizes_e, t)[0]
@@ -103,7 +124,7 @@ def _gmm_fwd(x_md, w_EDF, group_sizes_e, t):
     n = num_tiles(m, w_EDF.shape[0], t)
     src_p, slot_m, valid_m, tile_group_n = _layout(group_sizes_e, m, t, n)
     x_ntd = _tiles(x_md, src_p, n, t)
-    out_ntf = jnp.einsum("ntd,ndf->ntf", x_ntd, w_EDF[tile_group_n])
+    out_ntf = _dot("ntd,ndf->ntf", x_ntd, w_EDF[tile_group_n])
     out_mf = _rows(out_ntf, slot_m, valid_m).astype(x_md.dtype)
     return out_mf, (x_ntd, w_EDF, group_sizes_e, src_p, slot_m, valid_m, tile_group_n)
 
@@ -112,9 +133,9 @@ def _gmm_bwd(t, res, g_mf):
     x_ntd, w_EDF, group_sizes_e, src_p, slot_m, valid_m, tile_group_n = res
     n = x_ntd.shape[0]
     g_ntf = _tiles(g_mf.astype(x_ntd.dtype), src_p, n, t)
-    dx_ntd = jnp.einsum("ntf,ndf->ntd", g_ntf, w_EDF[tile_group_n])
+    dx_ntd = _dot("ntf,ndf->ntd", g_ntf, w_EDF[tile_group_n])
     dx_md = _rows(dx_ntd, slot_m, valid_m).astype(x_ntd.dtype)
-    dw_ndf = jnp.einsum("ntd,ntf->ndf", x_ntd, g_ntf)
+    dw_ndf = _tile_weight_grads(x_ntd, g_ntf)
     # Tiles past the used ones (and padding rows) hold zeros, so they add nothing.
     dw_EDF = jnp.zeros(w_EDF.shape, dw_ndf.dtype).at[tile_group_n].add(dw_ndf)
     return dx_md, dw_EDF.astype(w_EDF.dtype), None
