@@ -1,6 +1,7 @@
 """Kernels behind one seam each, chosen by `runtime:` config keys and checked against the plain
 XLA path: `attention` (runtime.attention), `cross_entropy` (runtime.cross_entropy) and the
-grouped matmul of the routed experts (runtime.grouped_matmul)."""
+grouped matmul of the routed experts (runtime.grouped_matmul). `matmul.py` holds the model's
+activation x weight einsums (picked by platform, not config: its choices change no values)."""
 
 import contextlib
 
