@@ -112,10 +112,9 @@ def routing_margins(model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
     """
     cfg, logits = model.config, []
     method = getattr(cfg, "topk_method", "noaux_tc")  # V3 configs route only this way
+    routers = [m for m in model.modules() if type(m).__name__.endswith("TopkRouter")]
     hooks = [
-        m.register_forward_hook(lambda _m, _i, out: logits.append(out[0].detach()))
-        for name, m in model.named_modules()
-        if type(m).__name__.endswith("TopkRouter")
+        m.register_forward_hook(lambda _m, _i, out: logits.append(out[0].detach())) for m in routers
     ]
     try:
         hf_logits(model, tokens)
@@ -123,11 +122,10 @@ def routing_margins(model: torch.nn.Module, tokens: np.ndarray) -> np.ndarray:
         for h in hooks:
             h.remove()
     margins = []
-    for layer, router_logits in enumerate(logits):
+    for router, router_logits in zip(routers, logits, strict=True):
         n, e = router_logits.shape
         if method == "noaux_tc":
-            bias = [m for m in model.modules() if type(m).__name__.endswith("TopkRouter")][layer]
-            choice = router_logits.sigmoid() + bias.e_score_correction_bias
+            choice = router_logits.sigmoid() + router.e_score_correction_bias
             group_score = choice.view(n, cfg.n_group, -1).topk(2, dim=-1)[0].sum(-1)
         else:
             choice = router_logits.softmax(dim=-1)
