@@ -38,6 +38,7 @@ RULES = [
     ("ops/grouped_matmul.py", None, "grouped matmul"),
     ("model/dispatch.py", "grouped_swiglu", "grouped matmul"),
     ("model/dispatch.py", None, "dispatch gather/scatter/sort"),
+    ("ops/moe_blocked.py", None, "routed experts, blocked (layout, matmuls, combine)"),
     ("ops/moe_", None, "dispatch gather/scatter/sort"),
     ("model/moe.py", None, "routing (router, top-k, load, balance loss)"),
     ("model/mla.py", None, "attention"),

@@ -1,8 +1,10 @@
 """Routed-expert computation behind one function, `routed_experts`, with three strategies.
 
 - local (no mesh, or an expert axis of size 1): sort the N·K (token, expert) pairs by expert and
-  run one grouped matmul per weight (`ops/grouped_matmul.py`). With the blocked kernel and at
-  most `PER_PAIR_MAX` pairs (a decode step), each pair runs on its own instead (`_per_pair`).
+  run one grouped matmul per weight (`ops/grouped_matmul.py`). With the blocked kernel (the CPU
+  one) the whole computation is `ops/moe_blocked.py`, which keeps the pairs in its tile layout
+  from the tokens to the combined output; at most `PER_PAIR_MAX` pairs (a decode step) run each
+  on its own instead (`_per_pair`).
 - all_gather: inside `shard_map`, every device all-gathers the tokens and routing decisions of
   its expert group, runs the grouped matmul for the experts it owns on all of them, and a
   reduce-scatter returns each token's summed outputs to its owner. Static shapes, no sizes to
@@ -30,6 +32,7 @@ from deepseek_jax.ops.moe_a2a import (
     gathered,
 )
 from deepseek_jax.ops.moe_a2a import grouped_swiglu as grouped_swiglu
+from deepseek_jax.ops.moe_blocked import moe_blocked
 from deepseek_jax.runtime import Runtime
 
 DISPATCHES = ("auto", "all_gather", "all_to_all")
@@ -97,6 +100,8 @@ def _local(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD, *, impl, pl
     e = gate_EDF.shape[0]
     if n * k <= PER_PAIR_MAX and resolve(impl, platform) == "blocked" and tile_rows(n * k, e) == 1:
         return _per_pair(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD)
+    if resolve(impl, platform) == "blocked":
+        return moe_blocked(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD)
     flat_m = experts_nk.reshape(-1)
     order_m = jnp.argsort(flat_m, stable=True)
     sizes_e = jnp.bincount(flat_m, length=e).astype(jnp.int32)
