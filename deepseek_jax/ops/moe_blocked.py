@@ -20,10 +20,11 @@ token's input gradient is the sum of its K slots' rows (each pair has one slot, 
 direction needs a scatter-add over rows). The weight gradients are per-tile products summed per
 expert, as in `gmm_blocked`.
 
-Values are those of the sorted path: products accumulate in fp32, and the gate, up and expert
-outputs are rounded to the compute dtype where the grouped matmuls round them. The input
-gradient of the gate and up products is summed in fp32 and rounded once (the sorted path rounds
-each before adding them), so in bf16 it can differ from it in the last bit.
+In fp32 the values are those of the sorted path. In bf16 the products still accumulate in
+fp32, but the SwiGLU between them runs in fp32 on the fp32 gate and up products, forward and
+backward (the sorted path rounds gate and up to bf16 first and differentiates silu in bf16), and
+the input gradient of the gate and up products is summed in fp32 and rounded once: fewer passes
+over the [tiles, t, F] arrays (whole bf16 step 0.350 -> 0.337 s) and no less accurate.
 """
 
 from __future__ import annotations
@@ -54,10 +55,6 @@ def _with_zero_row(a: jax.Array) -> jax.Array:
     return jnp.concatenate([a, jnp.zeros((1, *a.shape[1:]), a.dtype)])
 
 
-def _swiglu(gate_ntf: jax.Array, up_ntf: jax.Array) -> jax.Array:
-    return jax.nn.silu(gate_ntf) * up_ntf
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _moe(x_nd, weights_nk, gate_EDF, up_EDF, down_EFD, experts_nk, t):
     return _moe_fwd(x_nd, weights_nk, gate_EDF, up_EDF, down_EFD, experts_nk, t)[0]
@@ -65,34 +62,33 @@ def _moe(x_nd, weights_nk, gate_EDF, up_EDF, down_EFD, experts_nk, t):
 
 def _moe_fwd(x_nd, weights_nk, gate_EDF, up_EDF, down_EFD, experts_nk, t):
     e, d, f = gate_EDF.shape
-    n, k = experts_nk.shape
     dt = x_nd.dtype
     tok_p, pair_p, slot_nk, tile_group = _pair_layout(experts_nk, e, t)
     x_ntd = _with_zero_row(x_nd)[tok_p].reshape(-1, t, d)
-    gate_ntf = _dot("ntd,ndf->ntf", x_ntd, gate_EDF[tile_group]).astype(dt)
-    up_ntf = _dot("ntd,ndf->ntf", x_ntd, up_EDF[tile_group]).astype(dt)
-    o_ntd = _dot("ntf,nfd->ntd", _swiglu(gate_ntf, up_ntf), down_EFD[tile_group]).astype(dt)
-    o_nkd = o_ntd.reshape(-1, d)[slot_nk]
-    y_nd = jnp.einsum("nkd,nk->nd", o_nkd.astype(jnp.float32), weights_nk)
-    res = (x_ntd, gate_ntf, up_ntf, o_nkd, weights_nk, gate_EDF, up_EDF, down_EFD)
+    gate_ntf = _dot("ntd,ndf->ntf", x_ntd, gate_EDF[tile_group])
+    up_ntf = _dot("ntd,ndf->ntf", x_ntd, up_EDF[tile_group])
+    h_ntf = (jax.nn.silu(gate_ntf) * up_ntf).astype(dt)
+    o_nkd = _dot("ntf,nfd->ntd", h_ntf, down_EFD[tile_group]).reshape(-1, d)[slot_nk]
+    y_nd = jnp.einsum("nkd,nk->nd", o_nkd, weights_nk)
+    res = (x_ntd, gate_ntf, up_ntf, h_ntf, o_nkd, weights_nk, gate_EDF, up_EDF, down_EFD)
     return y_nd, res + (tok_p, pair_p, slot_nk, tile_group)
 
 
 def _moe_bwd(t, res, dy_nd):
-    x_ntd, gate_ntf, up_ntf, o_nkd, weights_nk, gate_EDF, up_EDF, down_EFD = res[:8]
-    tok_p, pair_p, slot_nk, tile_group = res[8:]
-    n, k, d = o_nkd.shape
-    e, f = down_EFD.shape[:2]
-    dt = x_ntd.dtype
+    x_ntd, gate_ntf, up_ntf, h_ntf, o_nkd, weights_nk, gate_EDF, up_EDF, down_EFD = res[:9]
+    tok_p, pair_p, slot_nk, tile_group = res[9:]
+    d, dt = x_ntd.shape[-1], x_ntd.dtype
     dy_nd = dy_nd.astype(jnp.float32)
-    dweights_nk = jnp.einsum("nkd,nd->nk", o_nkd.astype(jnp.float32), dy_nd)
+    dweights_nk = jnp.einsum("nkd,nd->nk", o_nkd, dy_nd)
     # Each slot's output cotangent: its pair's routing weight times its token's dy (0 padding).
     w_p = jnp.concatenate([weights_nk.reshape(-1), jnp.zeros((1,), weights_nk.dtype)])[pair_p]
     do_ntd = (w_p[:, None] * _with_zero_row(dy_nd)[tok_p]).astype(dt).reshape(-1, t, d)
 
-    h_ntf, swiglu_vjp = jax.vjp(_swiglu, gate_ntf, up_ntf)
-    dh_ntf = _dot("ntd,nfd->ntf", do_ntd, down_EFD[tile_group]).astype(dt)
-    dgate_ntf, dup_ntf = swiglu_vjp(dh_ntf)
+    # d silu(g)/dg = σ(g)(1 + g(1 - σ(g))), all in fp32 on the fp32 products.
+    dh_ntf = _dot("ntd,nfd->ntf", do_ntd, down_EFD[tile_group])
+    sig_ntf = jax.nn.sigmoid(gate_ntf)
+    dgate_ntf = (dh_ntf * up_ntf * sig_ntf * (1 + gate_ntf * (1 - sig_ntf))).astype(dt)
+    dup_ntf = (dh_ntf * gate_ntf * sig_ntf).astype(dt)
     dx_ntd = _dot("ntf,ndf->ntd", dgate_ntf, gate_EDF[tile_group]) + _dot(
         "ntf,ndf->ntd", dup_ntf, up_EDF[tile_group]
     )
