@@ -47,7 +47,8 @@ def absorbed_attention(
 
     The chunk's own ĉ and k_pe are scattered into the cache at slots `write_bt` first (slots
     >= S_max are dropped: that is how padding is skipped), so the chunk attends to itself too.
-    `mask_bts` says which cache slots each query may see.
+    `mask_bts` says which cache slots each query may see. Its products go through
+    `Runtime.einsum` (values as `jnp.einsum`'s; bf16 on a CPU takes the fast library kernel).
     """
     cfg, rt, d_n = attn.cfg, attn.rt, attn.cfg.mla.qk_nope_head_dim
     dtype = rt.compute_dtype
@@ -61,17 +62,17 @@ def absorbed_attention(
     k_pe_bsk = k_pe_bsk.at[rows_bt, write_bt].set(k_pe_btk.astype(k_pe_bsk.dtype), mode="drop")
     c_read_bsr, k_pe_read_bsk = c_bsr.astype(dtype), k_pe_bsk.astype(dtype)
 
-    q_lat_bthr = jnp.einsum("bthk,rhk->bthr", q_nope_bthk, cast(attn.wk_b_RHK, rt))
-    scores_bhts = jnp.einsum("bthr,bsr->bhts", q_lat_bthr, c_read_bsr) + jnp.einsum(
+    q_lat_bthr = rt.einsum("bthk,rhk->bthr", q_nope_bthk, cast(attn.wk_b_RHK, rt))
+    scores_bhts = rt.einsum("bthr,bsr->bhts", q_lat_bthr, c_read_bsr) + rt.einsum(
         "bthk,bsk->bhts", q_pe_bthk, k_pe_read_bsk
     )
     scores_bhts = scores_bhts.astype(jnp.float32) * cfg.softmax_scale
     # finfo.min, not -inf: a query with nothing visible (an empty row's padding) stays finite.
     scores_bhts = jnp.where(mask_bts[:, None], scores_bhts, jnp.finfo(jnp.float32).min)
     probs_bhts = jax.nn.softmax(scores_bhts, axis=-1).astype(dtype)
-    z_bthr = jnp.einsum("bhts,bsr->bthr", probs_bhts, c_read_bsr)
-    out_bthk = jnp.einsum("bthr,rhk->bthk", z_bthr, cast(attn.wv_b_RHK, rt))
-    return jnp.einsum("bthk,hkd->btd", out_bthk, cast(attn.wo_HKD, rt)), c_bsr, k_pe_bsk
+    z_bthr = rt.einsum("bhts,bsr->bthr", probs_bhts, c_read_bsr)
+    out_bthk = rt.einsum("bthr,rhk->bthk", z_bthr, cast(attn.wv_b_RHK, rt))
+    return rt.einsum("bthk,hkd->btd", out_bthk, cast(attn.wo_HKD, rt)), c_bsr, k_pe_bsk
 
 
 @struct.dataclass
