@@ -98,9 +98,9 @@ def _per_pair(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD):
 def _local(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD, *, impl, platform=None):
     n, k = experts_nk.shape
     e = gate_EDF.shape[0]
-    if n * k <= PER_PAIR_MAX and resolve(impl, platform) == "blocked" and tile_rows(n * k, e) == 1:
-        return _per_pair(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD)
     if resolve(impl, platform) == "blocked":
+        if n * k <= PER_PAIR_MAX and tile_rows(n * k, e) == 1:
+            return _per_pair(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD)
         return moe_blocked(x_nd, experts_nk, weights_nk, gate_EDF, up_EDF, down_EFD)
     flat_m = experts_nk.reshape(-1)
     order_m = jnp.argsort(flat_m, stable=True)

@@ -82,10 +82,14 @@ def _layout(group_sizes_e: jax.Array, m: int, t: int, n: int):
     return src_p, slot_m, valid_m, tile_group_n
 
 
+def with_zero_row(a: jax.Array) -> jax.Array:
+    """a with one more row (or entry) of zeros at the end: what padding slots read."""
+    return jnp.concatenate([a, jnp.zeros((1, *a.shape[1:]), a.dtype)])
+
+
 def _tiles(a_md: jax.Array, src_p: jax.Array, n: int, t: int) -> jax.Array:
     """Rows of a laid out as [n, t, ·] tiles; padding slots read a zero row."""
-    padded = jnp.concatenate([a_md, jnp.zeros((1, a_md.shape[1]), a_md.dtype)])
-    return padded[src_p].reshape(n, t, a_md.shape[1])
+    return with_zero_row(a_md)[src_p].reshape(n, t, a_md.shape[1])
 
 
 def _rows(out_ntf: jax.Array, slot_m: jax.Array, valid_m: jax.Array) -> jax.Array:

@@ -34,7 +34,14 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.ops.gmm_blocked import _dot, _layout, _tile_weight_grads, num_tiles, tile_rows
+from deepseek_jax.ops.gmm_blocked import (
+    _dot,
+    _layout,
+    _tile_weight_grads,
+    num_tiles,
+    tile_rows,
+    with_zero_row,
+)
 
 
 def _pair_layout(experts_nk: jax.Array, e: int, t: int):
@@ -51,20 +58,16 @@ def _pair_layout(experts_nk: jax.Array, e: int, t: int):
     return pair_p // k, pair_p, slot_nk, tile_group
 
 
-def _with_zero_row(a: jax.Array) -> jax.Array:
-    return jnp.concatenate([a, jnp.zeros((1, *a.shape[1:]), a.dtype)])
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _moe(x_nd, weights_nk, gate_EDF, up_EDF, down_EFD, experts_nk, t):
     return _moe_fwd(x_nd, weights_nk, gate_EDF, up_EDF, down_EFD, experts_nk, t)[0]
 
 
 def _moe_fwd(x_nd, weights_nk, gate_EDF, up_EDF, down_EFD, experts_nk, t):
-    e, d, f = gate_EDF.shape
+    e, d, _ = gate_EDF.shape
     dt = x_nd.dtype
     tok_p, pair_p, slot_nk, tile_group = _pair_layout(experts_nk, e, t)
-    x_ntd = _with_zero_row(x_nd)[tok_p].reshape(-1, t, d)
+    x_ntd = with_zero_row(x_nd)[tok_p].reshape(-1, t, d)
     gate_ntf = _dot("ntd,ndf->ntf", x_ntd, gate_EDF[tile_group])
     up_ntf = _dot("ntd,ndf->ntf", x_ntd, up_EDF[tile_group])
     h_ntf = (jax.nn.silu(gate_ntf) * up_ntf).astype(dt)
@@ -81,8 +84,8 @@ def _moe_bwd(t, res, dy_nd):
     dy_nd = dy_nd.astype(jnp.float32)
     dweights_nk = jnp.einsum("nkd,nd->nk", o_nkd, dy_nd)
     # Each slot's output cotangent: its pair's routing weight times its token's dy (0 padding).
-    w_p = jnp.concatenate([weights_nk.reshape(-1), jnp.zeros((1,), weights_nk.dtype)])[pair_p]
-    do_ntd = (w_p[:, None] * _with_zero_row(dy_nd)[tok_p]).astype(dt).reshape(-1, t, d)
+    w_p = with_zero_row(weights_nk.reshape(-1))[pair_p]
+    do_ntd = (w_p[:, None] * with_zero_row(dy_nd)[tok_p]).astype(dt).reshape(-1, t, d)
 
     # d silu(g)/dg = σ(g)(1 + g(1 - σ(g))), all in fp32 on the fp32 products.
     dh_ntf = _dot("ntd,nfd->ntf", do_ntd, down_EFD[tile_group])
