@@ -213,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label", default="", help="stored with the result (e.g. before/after)")
     parser.add_argument("overrides", nargs="*", help="extra config overrides, key=value")
     args = parser.parse_args(argv)
+    if argv is None:  # profile the step as the `deepseek-jax` command runs it
+        from deepseek_jax.host import reexec_with_malloc_env
+
+        reexec_with_malloc_env()
     r = trace_step(args)
     r["label"] = args.label
     report(r)

@@ -44,6 +44,9 @@ class Case:
     dtype: str = "float32"  # compute dtype
     extra: tuple[str, ...] = ()  # more overrides (experts, scan)
     label: str = ""
+    # "thp": the process runs under deepseek_jax.host.malloc_env (as the `deepseek-jax` command
+    # does); "plain": without glibc's transparent-huge-page malloc tunable.
+    malloc: str = "thp"
 
 
 def config_for(case: Case):

@@ -29,6 +29,8 @@ import sys
 import threading
 import time
 
+from deepseek_jax.host import malloc_env
+
 # Lines that processes print on every start or collective setup and that bury the training log.
 NOISE = re.compile(
     r"\[Gloo\]|gloo|^[IWE]\d{4} \d\d:\d\d|^WARNING: Logging before InitGoogle|TPU_|libtpu|"
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port or free_port()
     os.makedirs(args.log_dir, exist_ok=True)
 
-    env = dict(os.environ)
+    env = malloc_env()  # as the `deepseek-jax` command runs (deepseek_jax/host.py)
     flag = f"--xla_force_host_platform_device_count={args.devices_per_process}"
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {flag}".strip()
     env["PYTHONUNBUFFERED"] = "1"
