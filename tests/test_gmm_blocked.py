@@ -78,13 +78,22 @@ def test_bfloat16_matches_ragged_dot(tile):
         np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale, rtol=2e-2)
 
 
+def test_tile_size_follows_rows_per_group():
+    """Decode-sized inputs take one-row tiles (the per-pair path relies on it); many rows per
+    group take large tiles; many groups for the rows take smaller ones."""
+    assert [tile_rows(m, 16) for m in (1, 4, 8, 16)] == [1, 1, 1, 1]
+    assert tile_rows(8192, 8) == tile_rows(8192, 16) == 256
+    assert tile_rows(8192, 64) < tile_rows(8192, 16)
+    assert tile_rows(8192, 256) < tile_rows(8192, 64)
+
+
 def test_tile_count_bounds_every_split():
     """The static tile count covers the worst splits of M rows over G groups: every group one
     row past a whole tile (most padding), and random splits."""
     rng = np.random.default_rng(0)
     for m, g in [(8192, 16), (8192, 64), (100, 7), (4, 16), (33, 4)]:
         t = tile_rows(m, g)
-        assert t == 1 or g * (t - 1) <= m // 2
+        assert t & (t - 1) == 0 and t <= max(m, 1)
         splits = [rng.multinomial(m, rng.dirichlet(np.ones(g))) for _ in range(200)]
         per = m // g
         adversarial = np.full(g, (per - 1) // t * t + 1 if per else 0)

@@ -39,6 +39,7 @@ from deepseek_jax.ops.gmm_blocked import (
     _layout,
     _tile_weight_grads,
     num_tiles,
+    sum_per_group,
     tile_rows,
     with_zero_row,
 )
@@ -100,7 +101,7 @@ def _moe_bwd(t, res, dy_nd):
     # Per-tile weight gradients summed per expert; unused tiles and padding rows add zeros.
     def per_expert(w_EAB, a_nta, b_ntb):
         dw_nab = _tile_weight_grads(a_nta, b_ntb)
-        return jnp.zeros(w_EAB.shape, dw_nab.dtype).at[tile_group].add(dw_nab).astype(w_EAB.dtype)
+        return sum_per_group(dw_nab, tile_group, w_EAB.shape[0]).astype(w_EAB.dtype)
 
     return (
         dx_nd,
