@@ -23,7 +23,10 @@ top-4, D 256, F 128; ms by t, the chosen one starred):
     2048 tokens, 64 experts   t 32: 60.7  t 64: 45.5  t 128*: 41.5  t 256: 52.1
     2048 tokens, 32 experts   t 64: 37.9  t 128*: 32.0 t 256: 29.5
 
-(the rule before, padding G(t-1) within M/2, took t 2, 16, 64 and 128 there). With a decode
+(the rule before, padding G(t-1) within M/2, took t 2, 16, 64 and 128 there). These single
+layers vary by ~10% between runs (a rerun read 50.5 and 51.0 ms at t 64 and 128 for 2048 tokens
+and 64 experts); the whole issue-12 step with 64 experts, both compiled in one process and run in
+turns, went 0.389 -> 0.366 s from t 64 to 128 with the one-hot weight-gradient sum. With a decode
 step's few rows t falls to 1 and the kernel gathers just the matrices of the rows present.
 
 The gradient (custom VJP) reuses the layout: dx = (g laid out the same way) @ w[tile]^T, and
