@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -116,3 +117,17 @@ def test_the_tunable_maps_large_allocations_with_huge_pages():
     assert faults["tunable"] < 16384 // 8, faults
     if _thp_mode() == "madvise":  # (under "always" every mapping gets huge pages anyway)
         assert faults["plain"] > 16384 // 2, faults
+
+
+def test_console_script_starts_through_host_entry():
+    """The installed `deepseek-jax` script (pyproject's entry point, deepseek_jax.host:entry)
+    re-executes under the tunable and runs the command line."""
+    script = pathlib.Path(sys.executable).with_name("deepseek-jax")
+    if not script.exists():
+        pytest.skip(f"no console script next to {sys.executable} (package not pip-installed)")
+    env = without_malloc_thp(dict(os.environ))
+    out = subprocess.run(
+        [str(script), "info", "tiny"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "hidden_size: 128" in out.stdout
