@@ -139,7 +139,7 @@ WORKERS = {"jax": worker_jax, "torch": worker_torch, "peak": worker_peak}
 
 def run_case(case: Case, steps: int, warmup: int) -> dict:
     """Run one case in a fresh process; returns its JSON result."""
-    env = malloc_env() if case.malloc == "thp" else without_malloc_thp(dict(os.environ))
+    env = malloc_env() if case.malloc == "thp" else without_malloc_thp(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [

@@ -21,23 +21,18 @@ _EXPORTS = {
     "ModelOutput": "deepseek_jax.model",
 }
 
-__all__ = [
-    "Config",
-    "DeepSeek",
-    "ModelConfig",
-    "ModelOutput",
-    "from_hf_config",
-    "generate_text",
-    "load",
-    "load_config",
-    "load_for_generation",
-]
+__all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
-    from deepseek_jax.checkpoint import load
-    from deepseek_jax.config import Config, ModelConfig, from_hf_config, load_config
-    from deepseek_jax.generate import generate_text, load_for_generation
-    from deepseek_jax.model import DeepSeek, ModelOutput
+if TYPE_CHECKING:  # the same names, for type checkers (re-exported by the `as` aliases)
+    from deepseek_jax.checkpoint import load as load
+    from deepseek_jax.config import Config as Config
+    from deepseek_jax.config import ModelConfig as ModelConfig
+    from deepseek_jax.config import from_hf_config as from_hf_config
+    from deepseek_jax.config import load_config as load_config
+    from deepseek_jax.generate import generate_text as generate_text
+    from deepseek_jax.generate import load_for_generation as load_for_generation
+    from deepseek_jax.model import DeepSeek as DeepSeek
+    from deepseek_jax.model import ModelOutput as ModelOutput
 
 
 def __getattr__(name: str):

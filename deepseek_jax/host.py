@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
 THP_TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "DEEPSEEK_JAX_MALLOC_THP"
@@ -29,7 +30,7 @@ def _glibc() -> bool:
         return False
 
 
-def malloc_env(env: dict[str, str] | None = None) -> dict[str, str]:
+def malloc_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """A copy of `env` (default: this process's) with glibc's transparent-huge-page malloc tunable
     added to GLIBC_TUNABLES, unless opted out, already set by the user, or not on glibc. The
     user's other tunables are kept."""
@@ -43,7 +44,7 @@ def malloc_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def without_malloc_thp(env: dict[str, str]) -> dict[str, str]:
+def without_malloc_thp(env: Mapping[str, str]) -> dict[str, str]:
     """A copy of `env` without the tunable `malloc_env` adds (for a baseline measured as is)."""
     env = dict(env)
     kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and t != THP_TUNABLE]
