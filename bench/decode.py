@@ -4,6 +4,7 @@ token, and MTP speculative decoding against plain decoding, on a trained tiny mo
     python bench/decode.py                       # trains runs/bench-tiny first if it is empty
     python bench/decode.py --checkpoint runs/tiny --batch 8 --new-tokens 128
     python bench/decode.py --batch 1 --shapes    # + where a verify's extra cost comes from
+    python bench/decode.py --batch 1 --parts     # + a step and a verify without each part
 
 Prints tokens/s of each method (compilation excluded: every jitted function runs once before
 it is timed, then the best of --repeats runs counts), the MTP draft's acceptance rate, and the
@@ -16,6 +17,7 @@ machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -154,6 +156,47 @@ def verify_cost_by_shape(cfg, prompts_bt: np.ndarray, repeats: int) -> dict[str,
     }
 
 
+@contextlib.contextmanager
+def without(part: str):
+    """While tracing inside this block, one part of every block passes its input through: the
+    routed experts (routing and the shared expert still run) or the whole attention (projections,
+    cache write, scores). What a call costs without it is what it costs with it minus its share;
+    the outputs are meaningless, only the timing counts."""
+    from deepseek_jax.generate import decode
+    from deepseek_jax.model import moe
+
+    if part == "routed experts":
+        module, name = moe, "routed_experts"
+
+        def skip(x_nd, *args, **kwargs):
+            return 0.5 * x_nd.astype(jnp.float32)
+    elif part == "attention":
+        module, name = decode, "absorbed_attention"
+
+        def skip(attn, x_btd, cos_btk, sin_btk, c_bsr, k_pe_bsk, write_bt, mask_bts):
+            return 0.5 * x_btd, c_bsr, k_pe_bsk
+    else:
+        raise ValueError(f"without: unknown part {part!r}")
+    original = getattr(module, name)
+    setattr(module, name, skip)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+def costs_by_part(model, prompts_bt: np.ndarray, repeats: int) -> dict[str, dict]:
+    """`call_costs` of the model as is, without its routed experts, without its attention, and
+    without both: which parts make a 2-token verify cost more than a 1-token step."""
+    out = {"as is": call_costs(model, prompts_bt, repeats)}
+    for parts in (("routed experts",), ("attention",), ("routed experts", "attention")):
+        with contextlib.ExitStack() as stack:
+            for part in parts:
+                stack.enter_context(without(part))
+            out["without " + " and ".join(parts)] = call_costs(model, prompts_bt, repeats)
+    return out
+
+
 def acceptance_needed(costs: dict[str, float], speedup: float) -> float:
     """The draft acceptance rate a at which one verify plus one draft (1-token after a
     rejection, 2-token after a kept draft) costs 1/speedup of the (1 + a) plain steps it
@@ -200,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time a verify against a step on random models with the same widths: as "
         "trained, with every routed expert active, and all dense",
+    )
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="also time a step and a verify without the routed experts, without the attention, "
+        "and without both (what each part adds to a verify)",
     )
     args = parser.parse_args(argv)
 
@@ -272,6 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, c in verify_cost_by_shape(cfg, prompts_bt, max(args.repeats, 10)).items():
             print(
                 f"  {name:<24} decode step {1e6 * c['main_1']:4.0f} us, 2-token verify "
+                f"{1e6 * c['main_2']:4.0f} us ({c['main_2'] / c['main_1']:.2f}x)"
+            )
+
+    if args.parts:
+        print("step and verify without each part (the part passes its input through):")
+        for name, c in costs_by_part(model, prompts_bt, max(args.repeats, 10)).items():
+            print(
+                f"  {name:<40} decode step {1e6 * c['main_1']:4.0f} us, 2-token verify "
                 f"{1e6 * c['main_2']:4.0f} us ({c['main_2'] / c['main_1']:.2f}x)"
             )
 

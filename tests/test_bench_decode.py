@@ -47,3 +47,30 @@ def test_ffn_shapes_change_only_the_ffns():
     assert set(dense.layer_kinds[: dense.num_layers]) == {"dense"}
     for c in (all_active, dense):
         assert (c.hidden_size, c.num_layers, c.mla) == (cfg.hidden_size, cfg.num_layers, cfg.mla)
+
+
+def test_without_passes_a_part_through_and_restores_it():
+    import jax.numpy as jnp
+    import pytest
+
+    from deepseek_jax.generate import decode, forward_with_cache, init_cache
+    from deepseek_jax.model import moe
+
+    cfg = load_config("tiny").model
+    model = nnx.merge(*model_state(cfg))
+    tokens_bt = jnp.arange(4, dtype=jnp.int32).reshape(1, 4)
+
+    def logits():
+        return np.asarray(forward_with_cache(model, tokens_bt, init_cache(cfg, 1, 8))[0])
+
+    originals = (moe.routed_experts, decode.absorbed_attention)
+    as_is = logits()
+    for part in ("routed experts", "attention"):
+        with bench_decode.without(part):
+            assert (moe.routed_experts, decode.absorbed_attention) != originals
+            assert np.all(np.isfinite(logits()))
+            assert not np.allclose(logits(), as_is)
+        assert (moe.routed_experts, decode.absorbed_attention) == originals
+    np.testing.assert_array_equal(logits(), as_is)
+    with pytest.raises(ValueError, match="unknown part"), bench_decode.without("router"):
+        pass
