@@ -133,3 +133,41 @@ def test_local_dispatch_takes_it_on_cpu():
     )(x, experts, weights, gate, up, down)
     direct = jax.jit(lambda *a: moe_blocked(*a))(x, experts, weights, gate, up, down)
     np.testing.assert_array_equal(via_dispatch, direct)
+
+
+def _cyclic_experts(n, e, shift):
+    """Token i takes experts (shift·i + j) mod e, j < K: every expert gets the same rows."""
+    return ((shift * jnp.arange(n)[:, None] + jnp.arange(K)[None]) % e).astype(jnp.int32)
+
+
+@pytest.mark.parametrize(
+    "n,e,tile,experts,chunks_computed",
+    [
+        # 4 experts each with 32 rows: whole tiles, the layout needs no tile past ceil(NK/t).
+        (32, 4, 8, None, 0),
+        # experts 2..5 with 37 rows each: 40 tiles of 4, the first of two chunks past 37.
+        (37, 8, 4, "idle", 1),
+        # 16 experts with 4 rows each: 16 half-empty tiles of 8, past the base 8 in both chunks.
+        (16, 16, 8, "cyclic", 2),
+    ],
+)
+def test_tiles_past_the_layout_are_skipped_exactly(n, e, tile, experts, chunks_computed):
+    from deepseek_jax.ops import moe_blocked as mb
+
+    problem = list(_problem(n, e, "idle" if experts == "idle" else "uniform"))
+    if experts is None:
+        problem[5] = jnp.broadcast_to(jnp.arange(K, dtype=jnp.int32), (n, K))
+    elif experts == "cyclic":
+        problem[5] = _cyclic_experts(n, e, 1)
+    routed = problem[5]
+    sizes = np.bincount(np.asarray(routed).reshape(-1), minlength=e)
+    used = int(np.sum(-(-sizes // tile)))
+    segments = mb._segments(n * K, e, tile)
+    assert len(segments) == 1 + mb.EXCESS_CHUNKS
+    assert sum(used > a for a, _ in segments[1:]) == chunks_computed
+    with jax.default_matmul_precision("highest"):
+        y, grads = _value_and_grads(_blocked(routed, tile), *problem)
+        y_ref, grads_ref = _value_and_grads(_reference(routed), *problem)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=1e-5)
+    for name, g, g_ref in zip(NAMES, grads, grads_ref, strict=True):
+        np.testing.assert_allclose(g, g_ref, atol=2e-5, rtol=1e-5, err_msg=f"d/d{name}")
