@@ -207,6 +207,17 @@ def acceptance_needed(costs: dict[str, float], speedup: float) -> float:
     return (speedup * (verify + costs["mtp_1"]) - step) / (step - speedup * extra)
 
 
+def print_step_and_verify(title: str, rows: dict[str, dict]) -> None:
+    """One line per variant: its decode step, its 2-token verify, and their ratio."""
+    print(title)
+    width = max(len(name) for name in rows)
+    for name, c in rows.items():
+        print(
+            f"  {name:<{width}} decode step {1e6 * c['main_1']:4.0f} us, 2-token verify "
+            f"{1e6 * c['main_2']:4.0f} us ({c['main_2'] / c['main_1']:.2f}x)"
+        )
+
+
 def timed(fn, repeats: int) -> tuple[float, object]:
     out = fn()  # compile and warm up
     best = float("inf")
@@ -317,20 +328,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{acceptance_needed(costs, 1.2):.2f} for 1.2x (from these per-call costs)"
         )
     if args.shapes:
-        print("verify/step by FFN shape (random weights, same attention and widths):")
-        for name, c in verify_cost_by_shape(cfg, prompts_bt, max(args.repeats, 10)).items():
-            print(
-                f"  {name:<24} decode step {1e6 * c['main_1']:4.0f} us, 2-token verify "
-                f"{1e6 * c['main_2']:4.0f} us ({c['main_2'] / c['main_1']:.2f}x)"
-            )
-
+        print_step_and_verify(
+            "verify/step by FFN shape (random weights, same attention and widths):",
+            verify_cost_by_shape(cfg, prompts_bt, max(args.repeats, 10)),
+        )
     if args.parts:
-        print("step and verify without each part (the part passes its input through):")
-        for name, c in costs_by_part(model, prompts_bt, max(args.repeats, 10)).items():
-            print(
-                f"  {name:<40} decode step {1e6 * c['main_1']:4.0f} us, 2-token verify "
-                f"{1e6 * c['main_2']:4.0f} us ({c['main_2'] / c['main_1']:.2f}x)"
-            )
+        print_step_and_verify(
+            "step and verify without each part (the part passes its input through):",
+            costs_by_part(model, prompts_bt, max(args.repeats, 10)),
+        )
 
     for name, c in (
         ("this model", cfg),
