@@ -84,11 +84,12 @@ def _segments(m: int, e: int, t: int) -> list[tuple[int, int]]:
     return [(0, base)] + [(a, min(a + step, n)) for a in range(base, n, step)]
 
 
-def _when_used(used, a: int, compute, skipped):
-    """compute() if the layout's tiles reach tile a (always for a = 0), else skipped()."""
+def _when_used(used, a: int, compute, skipped, *operands):
+    """compute(*operands) if the layout's tiles reach tile a (always for a = 0), else
+    skipped(*operands)."""
     if a == 0:
-        return compute()
-    return jax.lax.cond(used > a, compute, skipped)
+        return compute(*operands)
+    return jax.lax.cond(used > a, compute, skipped, *operands)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -162,9 +163,7 @@ def _moe_bwd(t, res, dy_nd):
         def skipped(dw):
             return jnp.zeros((b - a, t, d), jnp.float32), dw
 
-        if a == 0:
-            return compute(dw)
-        return jax.lax.cond(used > a, compute, skipped, dw)
+        return _when_used(used, a, compute, skipped, dw)
 
     dw, dx_parts = None, []
     for (a, b), saved in zip(_segments(slot_nk.size, e, t), segs, strict=True):
