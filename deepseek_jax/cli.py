@@ -214,14 +214,24 @@ def entry() -> None:
 
     After a run stopped on failed checkpoint saves, exit at once (the error line printed, the
     streams flushed), without interpreter teardown: the last failed save's TensorStore writes
-    may still be pending, and their callbacks would print tracebacks after the error line.
+    may still be pending, and their callbacks would print tracebacks after the error line. So
+    nothing printed after that line reaches the streams (they are pointed at /dev/null), and a
+    multi-process run leaves its runtime in order first: without it process 0 could exit and
+    stop the coordination service while another process's client still polls it, which then
+    logged a gRPC "Socket closed" error after its own error line (seen once in a clean-clone CI).
     """
     from deepseek_jax.checkpoint.training import writes_abandoned
 
     code = main()
     if writes_abandoned():
+        from deepseek_jax.train import distributed
+
         sys.stdout.flush()
         sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
+        distributed.shutdown()
         os._exit(code)
     sys.exit(code)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import jax
 
 from deepseek_jax.config import DistributedConfig
@@ -29,3 +31,17 @@ def initialize(cfg: DistributedConfig) -> None:
         heartbeat_timeout_seconds=cfg.heartbeat_timeout_s,
     )
     _initialized = True
+
+
+def shutdown(timeout_s: float = 30.0) -> bool:
+    """Leave the multi-process runtime in order: every process's client meets the others at the
+    coordination service's shutdown barrier before process 0 stops the service, so no client is
+    left talking to a coordinator that is gone (its gRPC error would be its last words). Waits at
+    most `timeout_s`: a peer that never arrives must not hang an exit. Returns whether the
+    shutdown finished; a no-op without `initialize`."""
+    if not _initialized:
+        return True
+    leaving = threading.Thread(target=jax.distributed.shutdown, daemon=True)
+    leaving.start()
+    leaving.join(timeout_s)
+    return not leaving.is_alive()
