@@ -60,7 +60,7 @@ def _probe(tmp_path, env):
 
 
 def test_reexec_sets_the_tunable_once_in_the_same_process(tmp_path):
-    env = without_malloc_thp(dict(os.environ))
+    env = without_malloc_thp(os.environ)
     env["GLIBC_TUNABLES"] = "glibc.malloc.arena_max=4"
     lines, pid = _probe(tmp_path, env)
     # One start line per image: the first without the tunable, the second with it; same pid.
@@ -70,7 +70,7 @@ def test_reexec_sets_the_tunable_once_in_the_same_process(tmp_path):
 
 
 def test_no_reexec_when_opted_out(tmp_path):
-    env = without_malloc_thp(dict(os.environ))
+    env = without_malloc_thp(os.environ)
     env[OPT_OUT] = "0"
     lines, pid = _probe(tmp_path, env)
     assert lines[:2] == [f"start {pid}", f"run {pid} None ['a', '--b']"]
@@ -107,7 +107,7 @@ TOUCH = textwrap.dedent(
 def test_the_tunable_maps_large_allocations_with_huge_pages():
     """What the tunable is for: a 64 MiB allocation (an XLA temporary's size class) faults in
     2 MiB pages, not 16,384 pages of 4 KiB."""
-    plain = without_malloc_thp(dict(os.environ))
+    plain = without_malloc_thp(os.environ)
     faults = {}
     for name, env in (("plain", plain), ("tunable", malloc_env(plain))):
         out = subprocess.run(
@@ -125,7 +125,7 @@ def test_console_script_starts_through_host_entry():
     script = pathlib.Path(sys.executable).with_name("deepseek-jax")
     if not script.exists():
         pytest.skip(f"no console script next to {sys.executable} (package not pip-installed)")
-    env = without_malloc_thp(dict(os.environ))
+    env = without_malloc_thp(os.environ)
     out = subprocess.run(
         [str(script), "info", "tiny"], env=env, capture_output=True, text=True, timeout=300
     )

@@ -98,7 +98,7 @@ def _moe(x_nd, weights_nk, gate_EDF, up_EDF, down_EFD, experts_nk, t):
 
 
 def _moe_fwd(x_nd, weights_nk, gate_EDF, up_EDF, down_EFD, experts_nk, t):
-    e, d, f = gate_EDF.shape
+    e, d, _ = gate_EDF.shape
     dt = x_nd.dtype
     tok_p, pair_p, slot_nk, tile_group, used = _pair_layout(experts_nk, e, t)
     x0_nd = with_zero_row(x_nd)
@@ -112,14 +112,12 @@ def _moe_fwd(x_nd, weights_nk, gate_EDF, up_EDF, down_EFD, experts_nk, t):
             h_stf = (jax.nn.silu(gate_stf) * up_stf).astype(dt)
             return x_std, gate_stf, up_stf, h_stf, _dot("ntf,nfd->ntd", h_stf, down_EFD[g_s])
 
-        def skipped():
-            f32 = jnp.float32
-            shapes = ((d, dt), (f, f32), (f, f32), (f, dt), (d, f32))
-            return tuple(jnp.zeros((b - a, t, w), dtype) for w, dtype in shapes)
+        def skipped():  # zeros shaped like compute's outputs; no row reads them
+            return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(compute))
 
         return _when_used(used, a, compute, skipped)
 
-    segs = [segment(a, b) for a, b in _segments(x_nd.shape[0] * experts_nk.shape[1], e, t)]
+    segs = [segment(a, b) for a, b in _segments(slot_nk.size, e, t)]
     out_ntd = jnp.concatenate([seg[4] for seg in segs])
     o_nkd = out_ntd.reshape(-1, d)[slot_nk]
     y_nd = jnp.einsum("nkd,nk->nd", o_nkd, weights_nk)
