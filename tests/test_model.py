@@ -566,3 +566,20 @@ def test_bf16_norm_rounds_like_bf16_and_sums_its_scale_gradient_in_fp32():
     exact = (np.asarray(g, np.float64) * normed).sum((0, 1))
     err = np.abs(grad - exact) / np.abs(exact).mean()
     assert np.median(err) < 2e-3 and err.max() < 1e-2
+
+
+def test_shared_rope_key_sums_its_heads_gradient_in_fp32():
+    from deepseek_jax.model.mla import shared_by_heads
+
+    rng = np.random.default_rng(4)
+    k = jnp.asarray(rng.normal(size=(2, 64, 16)), jnp.bfloat16)
+    g = jnp.asarray(rng.normal(size=(2, 64, 128, 16)) * 1e-3, jnp.bfloat16)
+    out, vjp = jax.vjp(lambda k: shared_by_heads(k, 128), k)
+    np.testing.assert_array_equal(
+        np.asarray(out), np.broadcast_to(np.asarray(k)[:, :, None], g.shape)
+    )
+    (grad,) = vjp(g)
+    assert grad.dtype == jnp.bfloat16
+    exact = np.asarray(g, np.float64).sum(2)
+    # One rounding of the exact sum: within half a bf16 ulp (2^-8 of it) of it.
+    np.testing.assert_allclose(np.asarray(grad, np.float64), exact, rtol=2**-8, atol=1e-9)

@@ -6,6 +6,8 @@ d_r-wide RoPE key k_pe is shared by all heads. The absorbed decode form lives wi
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,6 +18,25 @@ from deepseek_jax.model.layers import RMSNorm, cast, param
 from deepseek_jax.model.rope import apply_rope
 from deepseek_jax.ops.attention import attention
 from deepseek_jax.runtime import Runtime
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def shared_by_heads(k_bsk: jax.Array, heads: int) -> jax.Array:
+    """[B, S, K] -> [B, S, heads, K], the same key for every head.
+
+    Its gradient sums the heads' cotangents in fp32 and rounds once. The plain broadcast's
+    transpose sums them in the compute dtype: for V3's 128 heads in bf16 that is a 128-term bf16
+    sum (XLA:CPU, random data: 0.6% of the mean magnitude off at the median and 6% at worst,
+    against 0.09% and 1.3% here, the final rounding to bf16).
+    """
+    b, s, k = k_bsk.shape
+    return jnp.broadcast_to(k_bsk[:, :, None], (b, s, heads, k))
+
+
+shared_by_heads.defvjp(
+    lambda k_bsk, heads: (shared_by_heads(k_bsk, heads), None),
+    lambda heads, _, g_bshk: (g_bshk.sum(axis=2, dtype=jnp.float32).astype(g_bshk.dtype),),
+)
 
 
 class MLA(nnx.Module):
@@ -79,8 +100,7 @@ class MLA(nnx.Module):
         k_nope_bshk = rt.einsum("bsr,rhk->bshk", c_bsr, cast(self.wk_b_RHK, rt))
         v_bshk = rt.einsum("bsr,rhk->bshk", c_bsr, cast(self.wv_b_RHK, rt))
         # One RoPE key shared by every head (SPEC §1), broadcast next to each head's nope key.
-        b, s, d_r = k_pe_bsk.shape
-        k_pe_bshk = jnp.broadcast_to(k_pe_bsk[:, :, None], (b, s, h, d_r))
+        k_pe_bshk = shared_by_heads(k_pe_bsk, h)
         k_bshk = jnp.concatenate([k_nope_bshk, k_pe_bshk], axis=-1)
         out_bthk = attention(
             q_bthk,
