@@ -353,6 +353,9 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
+    # dtype of both AdamW moments in the optimizer state: float32, or bfloat16 as V3 trains
+    # (report §3.3.3; the update itself runs in fp32 either way).
+    adam_moments: str = "float32"
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # MTP loss weight λ (SPEC §4, §7): mtp_lambda until mtp_lambda_switch_step, then the final one.
@@ -420,6 +423,17 @@ class TrainConfig:
             f"{p}.micro_batches={self.micro_batches}",
         )
         _require(self.learning_rate > 0, f"{p}.learning_rate must be positive")
+        _require(
+            self.adam_moments in ("float32", "bfloat16"),
+            f"{p}.adam_moments={self.adam_moments!r} must be 'float32' or 'bfloat16'",
+        )
+        # A moment moves by (1 - beta)·|g - m| a step; bf16 keeps 8 significant bits, so with
+        # 1 - beta much below 2^-8 round-to-nearest swallows most changes and the moment stalls.
+        _require(
+            self.adam_moments == "float32" or max(self.b1, self.b2) <= 0.98,
+            f"{p}.adam_moments=bfloat16 needs b1 and b2 <= 0.98 (got b1={self.b1}, "
+            f"b2={self.b2}): a bf16 moment would not register per-step changes of 1 - beta",
+        )
         _require(
             0 <= self.min_learning_rate <= self.learning_rate,
             f"{p}.min_learning_rate={self.min_learning_rate} must be in [0, learning_rate]",

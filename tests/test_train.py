@@ -31,7 +31,13 @@ from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import sharding
 from deepseek_jax.config import ConfigError, TrainConfig, load_config, replace
-from deepseek_jax.train.optim import bias_gamma, decay_mask, learning_rate
+from deepseek_jax.train.optim import (
+    adamw_with_moments,
+    bias_gamma,
+    clip_by_global_norm,
+    decay_mask,
+    learning_rate,
+)
 from deepseek_jax.train.step import Trainer, TrainState, update_router_bias
 from deepseek_jax.train.synthetic import MarkovTokens
 
@@ -513,6 +519,82 @@ def test_zero_gradient_step_decays_matrices_only(ref):
     ):
         np.testing.assert_array_equal(a, b)
     assert int(new.step) == 1
+
+
+def test_global_norm_clip_matches_optax():
+    """One scalar factor min(1, max/||g||) against optax.clip_by_global_norm's select: bitwise
+    when the norm is under the limit, within fp32 rounding (rtol 1e-6) when it clips, to a
+    global norm of max_norm; the same (empty) state."""
+    import optax
+
+    rng = np.random.default_rng(0)
+    g = {
+        "a": jnp.asarray(rng.normal(size=(64, 32)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(7,)), jnp.float32),
+    }
+    norm = float(np.sqrt(sum((np.asarray(v, np.float64) ** 2).sum() for v in g.values())))
+    for max_norm in (2 * norm, norm / 3):
+        ours, theirs = clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+        got, state = jax.jit(ours.update)(g, ours.init(g))
+        want, their_state = jax.jit(theirs.update)(g, theirs.init(g))
+        assert jax.tree.structure(state) == jax.tree.structure(their_state)
+        for k in g:
+            if max_norm > norm:
+                np.testing.assert_array_equal(got[k], g[k])
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
+        clipped = np.sqrt(sum((np.asarray(v, np.float64) ** 2).sum() for v in got.values()))
+        np.testing.assert_allclose(clipped, min(norm, max_norm), rtol=1e-6)
+
+
+def test_bf16_adam_moments_store_the_fp32_moments_rounded():
+    """train.adam_moments=bfloat16 (V3's optimizer state): mu and nu are stored in bf16, each
+    step's arithmetic is fp32. Step 1 from zero moments is the fp32 optimizer's update bit for
+    bit; step 2 matches NumPy Adam run from the bf16-rounded stored moments."""
+    lr, b1, b2, eps = 1e-2, 0.9, 0.95, 1e-8
+    cfg = replace(
+        TrainConfig(),
+        learning_rate=lr,
+        min_learning_rate=lr,
+        warmup_steps=0,
+        weight_decay=0.0,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+    )
+    axes = {"w": ("embed", "mlp")}
+    rng = np.random.default_rng(1)
+    p = {"w": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)}
+    g1, g2 = ({"w": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)} for _ in range(2))
+    tx = adamw_with_moments(replace(cfg, adam_moments="bfloat16"), decay_mask(axes))
+    tx32 = adamw_with_moments(cfg, decay_mask(axes))
+    state, state32 = tx.init(p), tx32.init(p)
+    assert state[0].mu["w"].dtype == state[0].nu["w"].dtype == jnp.bfloat16
+    assert state32[0].mu["w"].dtype == jnp.float32
+    assert jax.tree.structure(state) == jax.tree.structure(state32)
+
+    update = jax.jit(tx.update)
+    u1, state = update(g1, state, p)
+    u1_32, _ = jax.jit(tx32.update)(g1, state32, p)
+    np.testing.assert_array_equal(u1["w"], u1_32["w"])
+    mu1 = np.asarray((1 - b1) * g1["w"]).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(state[0].mu["w"]), mu1)
+
+    u2, state = update(g2, state, p)
+    g = np.asarray(g2["w"], np.float64)
+    mu = (1 - b1) * g + b1 * np.asarray(mu1, np.float64)
+    nu_stored = np.asarray(((1 - b2) * np.asarray(g1["w"]) ** 2).astype(jnp.bfloat16), np.float64)
+    nu = (1 - b2) * g * g + b2 * nu_stored
+    want = -lr * (mu / (1 - b1**2)) / (np.sqrt(nu / (1 - b2**2)) + eps)
+    np.testing.assert_allclose(np.asarray(u2["w"], np.float64), want, rtol=1e-5, atol=1e-7)
+    assert state[0].mu["w"].dtype == state[0].nu["w"].dtype == jnp.bfloat16
+
+
+def test_bf16_adam_moments_config_is_checked():
+    with pytest.raises(ConfigError, match="adam_moments='float16'"):
+        replace(TrainConfig(), adam_moments="float16")
+    with pytest.raises(ConfigError, match="b2=0.999"):
+        replace(TrainConfig(), adam_moments="bfloat16", b2=0.999)
+    assert replace(TrainConfig(), adam_moments="bfloat16").b2 == 0.95
 
 
 def test_learning_rate_schedule():

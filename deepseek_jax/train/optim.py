@@ -1,6 +1,9 @@
-"""AdamW with warmup + cosine decay, global-norm clipping and a weight-decay mask (SPEC §7)."""
+"""AdamW with warmup + cosine decay, global-norm clipping and a weight-decay mask (SPEC §7),
+its moments stored in fp32 or, as V3 trains, in bf16."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -47,13 +50,59 @@ def decay_mask(param_axes: dict) -> dict:
 
 def make_optimizer(cfg: TrainConfig, param_axes: dict) -> optax.GradientTransformation:
     return optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip),
-        optax.adamw(
-            lambda count: learning_rate(cfg, count),
-            b1=cfg.b1,
-            b2=cfg.b2,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            mask=decay_mask(param_axes),
-        ),
+        clip_by_global_norm(cfg.grad_clip),
+        adamw_with_moments(cfg, decay_mask(param_axes)),
     )
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """Every gradient times one scalar, min(1, max_norm / ||g||): global-norm clipping.
+
+    optax.clip_by_global_norm computes the same clip as a select between g and g / ||g|| ·
+    max_norm for every element. XLA:CPU then writes the divided copy of every gradient and
+    passes both copies to each Adam moment's update; a scalar factor fuses into those updates
+    instead. The optimizer update of 22.7M parameters (issue-12 shapes with 64 experts, state
+    donated, under the step's non-finite guard): 41.6 -> 26.1 ms; a whole step, 0.329 -> 0.325
+    s. (The clipped values can differ from optax's in the last bit: g · (max_norm / ||g||)
+    against (g / ||g||) · max_norm.)
+    """
+
+    def update(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+    return optax.GradientTransformation(optax.clip_by_global_norm(max_norm).init, update)
+
+
+def adamw_with_moments(cfg: TrainConfig, mask: dict) -> optax.GradientTransformation:
+    """optax's AdamW with both moments stored in train.adam_moments.
+
+    bfloat16 is V3's low-precision optimizer state (report §3.3.3: both AdamW moments in bf16,
+    master weights in fp32). The arithmetic stays fp32: each step widens the stored moments,
+    runs optax's fp32 update (which uses the fp32 moments for this step's update) and stores
+    the new moments rounded. (optax's own mu_dtype would multiply b1 by the stored bf16 moment
+    in bf16.) config.py refuses betas whose per-step change the rounding would swallow.
+    """
+    tx = optax.adamw(
+        lambda count: learning_rate(cfg, count),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=mask,
+    )
+    moments = jnp.dtype(cfg.adam_moments)
+    if moments == jnp.float32:
+        return tx
+
+    def stored_as(state, dtype):
+        adam, *rest = state
+        cast = functools.partial(optax.tree.cast, dtype=dtype)
+        return (adam._replace(mu=cast(adam.mu), nu=cast(adam.nu)), *rest)
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, stored_as(state, jnp.float32), params)
+        return updates, stored_as(state, moments)
+
+    return optax.GradientTransformation(lambda params: stored_as(tx.init(params), moments), update)
