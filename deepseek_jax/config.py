@@ -355,7 +355,7 @@ class TrainConfig:
     eps: float = 1e-8
     # dtype of both AdamW moments in the optimizer state: float32, or bfloat16 as V3 trains
     # (report §3.3.3; the update itself runs in fp32 either way).
-    adam_moments: str = "float32"
+    adam_moments: Literal["float32", "bfloat16"] = "float32"
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     # MTP loss weight λ (SPEC §4, §7): mtp_lambda until mtp_lambda_switch_step, then the final one.
@@ -423,10 +423,6 @@ class TrainConfig:
             f"{p}.micro_batches={self.micro_batches}",
         )
         _require(self.learning_rate > 0, f"{p}.learning_rate must be positive")
-        _require(
-            self.adam_moments in ("float32", "bfloat16"),
-            f"{p}.adam_moments={self.adam_moments!r} must be 'float32' or 'bfloat16'",
-        )
         # A moment moves by (1 - beta)·|g - m| a step; bf16 keeps 8 significant bits, so with
         # 1 - beta much below 2^-8 round-to-nearest swallows most changes and the moment stalls.
         _require(

@@ -16,6 +16,8 @@ from random_weights import model_state, random_state
 
 from deepseek_jax.config import RopeConfig, load_config, replace
 from deepseek_jax.model import DeepSeek
+from deepseek_jax.model.layers import RMSNorm
+from deepseek_jax.model.mla import shared_by_heads
 from deepseek_jax.model.moe import MoE, RouterBias, route, sequence_balance_loss
 from deepseek_jax.model.rope import apply_rope, inv_frequencies, rope_tables
 from deepseek_jax.model.transformer import layer_runs
@@ -542,8 +544,6 @@ def test_param_dtype_separate_from_compute_dtype():
 
 
 def test_bf16_norm_rounds_like_bf16_and_sums_its_scale_gradient_in_fp32():
-    from deepseek_jax.model.layers import RMSNorm
-
     rt = Runtime.of(param_dtype="float32", compute_dtype="bfloat16")
     norm = RMSNorm(256, TINY, rt)
     rng = np.random.default_rng(3)
@@ -569,8 +569,6 @@ def test_bf16_norm_rounds_like_bf16_and_sums_its_scale_gradient_in_fp32():
 
 
 def test_shared_rope_key_sums_its_heads_gradient_in_fp32():
-    from deepseek_jax.model.mla import shared_by_heads
-
     rng = np.random.default_rng(4)
     k = jnp.asarray(rng.normal(size=(2, 64, 16)), jnp.bfloat16)
     g = jnp.asarray(rng.normal(size=(2, 64, 128, 16)) * 1e-3, jnp.bfloat16)
