@@ -26,6 +26,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -546,10 +547,11 @@ def test_global_norm_clip_matches_optax():
         np.testing.assert_allclose(clipped, min(norm, max_norm), rtol=1e-6)
 
 
-def test_bf16_adam_moments_store_the_fp32_moments_rounded():
-    """train.adam_moments=bfloat16 (V3's optimizer state): mu and nu are stored in bf16, each
-    step's arithmetic is fp32. Step 1 from zero moments is the fp32 optimizer's update bit for
-    bit; step 2 matches NumPy Adam run from the bf16-rounded stored moments."""
+def test_bf16_adam_moments_update_from_the_stored_moments():
+    """train.adam_moments=bfloat16 (V3's optimizer state): each step forms the new mu and nu in
+    fp32 from the stored bf16 ones, stores them rounded, and takes its update from the stored
+    values (NumPy Adam below, rounding the moments after every step). fp32 moments are
+    optax.adamw bit for bit; both states have optax's structure."""
     lr, b1, b2, eps = 1e-2, 0.9, 0.95, 1e-8
     cfg = replace(
         TrainConfig(),
@@ -564,28 +566,40 @@ def test_bf16_adam_moments_store_the_fp32_moments_rounded():
     axes = {"w": ("embed", "mlp")}
     rng = np.random.default_rng(1)
     p = {"w": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)}
-    g1, g2 = ({"w": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)} for _ in range(2))
+    grads = [{"w": jnp.asarray(rng.normal(size=(32, 16)), jnp.float32)} for _ in range(3)]
     tx = adamw_with_moments(replace(cfg, adam_moments="bfloat16"), decay_mask(axes))
     tx32 = adamw_with_moments(cfg, decay_mask(axes))
-    state, state32 = tx.init(p), tx32.init(p)
+    optax32 = optax.adamw(
+        lambda count: learning_rate(cfg, count),
+        b1,
+        b2,
+        eps,
+        weight_decay=0.0,
+        mask=decay_mask(axes),
+    )
+    state, state32, their32 = tx.init(p), tx32.init(p), optax32.init(p)
     assert state[0].mu["w"].dtype == state[0].nu["w"].dtype == jnp.bfloat16
     assert state32[0].mu["w"].dtype == jnp.float32
     assert jax.tree.structure(state) == jax.tree.structure(state32)
+    assert jax.tree.structure(state32) == jax.tree.structure(their32)
 
-    update = jax.jit(tx.update)
-    u1, state = update(g1, state, p)
-    u1_32, _ = jax.jit(tx32.update)(g1, state32, p)
-    np.testing.assert_array_equal(u1["w"], u1_32["w"])
-    mu1 = np.asarray((1 - b1) * g1["w"]).astype(jnp.bfloat16)
-    np.testing.assert_array_equal(np.asarray(state[0].mu["w"]), mu1)
+    def bf16(x):
+        return np.asarray(np.asarray(x, np.float32).astype(jnp.bfloat16), np.float64)
 
-    u2, state = update(g2, state, p)
-    g = np.asarray(g2["w"], np.float64)
-    mu = (1 - b1) * g + b1 * np.asarray(mu1, np.float64)
-    nu_stored = np.asarray(((1 - b2) * np.asarray(g1["w"]) ** 2).astype(jnp.bfloat16), np.float64)
-    nu = (1 - b2) * g * g + b2 * nu_stored
-    want = -lr * (mu / (1 - b1**2)) / (np.sqrt(nu / (1 - b2**2)) + eps)
-    np.testing.assert_allclose(np.asarray(u2["w"], np.float64), want, rtol=1e-5, atol=1e-7)
+    update, update32 = jax.jit(tx.update), jax.jit(tx32.update)
+    mu = nu = np.zeros((32, 16))
+    for step, g in enumerate(grads, start=1):
+        u, state = update(g, state, p)
+        u32, state32 = update32(g, state32, p)
+        their_u32, their32 = jax.jit(optax32.update)(g, their32, p)
+        np.testing.assert_array_equal(u32["w"], their_u32["w"])
+        g64 = np.asarray(g["w"], np.float64)
+        mu = bf16((1 - b1) * g64 + b1 * mu)
+        nu = bf16((1 - b2) * g64 * g64 + b2 * nu)
+        np.testing.assert_array_equal(np.asarray(state[0].mu["w"], np.float64), mu)
+        np.testing.assert_array_equal(np.asarray(state[0].nu["w"], np.float64), nu)
+        want = -lr * (mu / (1 - b1**step)) / (np.sqrt(nu / (1 - b2**step)) + eps)
+        np.testing.assert_allclose(np.asarray(u["w"], np.float64), want, rtol=1e-5, atol=1e-7)
     assert state[0].mu["w"].dtype == state[0].nu["w"].dtype == jnp.bfloat16
 
 
