@@ -19,10 +19,11 @@ it, and the ratio is taken against its faster median.
 Sections (--only): `compare` (ours in fp32 and bf16 compute vs transformers in fp32, on the
 issue's shapes and on tiny.yaml without MTP; plus ours in fp32 with the runtime tiny.yaml had
 before, scanned layers and the xla attention kernel, without the tunable, and ours in bf16
-without it), `experts` (our tokens/s with 8, 16, 64 routed
-experts at top-4 and expert width 128), `compile` (scanned vs unrolled layers) and `runtime`
-(our step with the old and the current tiny.yaml runtime, compiled in one process and run in
-turns: the way to see differences smaller than the drift between processes). Results are
+without it), `experts` (tokens/s with 8, 16, 64 routed experts at top-4 and expert width
+128: ours in each --expert-dtypes, and transformers' fp32 step for reference unless
+--no-expert-reference), `compile` (scanned vs unrolled layers) and `runtime` (our step
+with the old and the current tiny.yaml runtime, compiled in one process and run in turns: the
+way to see differences smaller than the drift between processes). Results are
 also appended as JSON lines to --results, one line per process plus one summary line per row.
 On a shared machine absolute figures are noisy; ratios within one run are what to read.
 """
@@ -194,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--shapes", default="issue,tiny", help="comma list of: issue, tiny")
     parser.add_argument("--expert-dtypes", default="float32,bfloat16")
+    parser.add_argument(
+        "--expert-reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the experts section also times transformers (fp32) at each expert count",
+    )
     parser.add_argument("--results", default="runs/bench/train_speed.jsonl")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -297,12 +304,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
 
     if "experts" in sections:
-        print("\n## routed experts at top-4, expert width 128 (issue shapes, ours)")
-        print(f"{'experts':>7} {'dtype':<9} {'step s':>8} {'tokens/s':>9} {'vs 8':>6}")
-        for dtype in args.expert_dtypes.split(","):
-            counts = (8, 16, 64)
+        print("\n## routed experts at top-4, expert width 128 (issue shapes)")
+        print(f"{'experts':>7} {'implementation':<22} {'step s':>8} {'tokens/s':>9} {'vs 8':>6}")
+        counts = (8, 16, 64)
+        impls = [("jax", dtype, f"deepseek-jax {dtype}") for dtype in args.expert_dtypes.split(",")]
+        if args.expert_reference:
+            impls.append(("torch", "float32", "transformers float32"))
+        for impl, dtype, name in impls:
             cases = [
-                Case("jax", "issue", dtype, (f"model.moe.n_routed_experts={e}",), f"{e} experts")
+                Case(impl, "issue", dtype, (f"model.moe.n_routed_experts={e}",), f"{e} experts")
                 for e in counts
             ]
             per = {c: [] for c in cases}
@@ -317,9 +327,17 @@ def main(argv: list[str] | None = None) -> int:
                 tps = 2048 / step
                 record(
                     "summary",
-                    dict(section="experts", experts=e, dtype=dtype, step_s=step, vs_8=step / base),
+                    dict(
+                        section="experts",
+                        experts=e,
+                        impl=impl,
+                        dtype=dtype,
+                        step_s=step,
+                        vs_8=step / base,
+                        rounds=[round(t, 4) for t in per[c]],
+                    ),
                 )
-                print(f"{e:>7} {dtype:<9} {step:8.3f} {tps:9.0f} {step / base:5.2f}x")
+                print(f"{e:>7} {name:<22} {step:8.3f} {tps:9.0f} {step / base:5.2f}x")
 
     if "compile" in sections:
         print("\n## compile time of the train step (issue shapes, fp32, seconds)")
