@@ -586,12 +586,12 @@ def test_bf16_adam_moments_update_from_the_stored_moments():
     def bf16(x):
         return np.asarray(np.asarray(x, np.float32).astype(jnp.bfloat16), np.float64)
 
-    update, update32 = jax.jit(tx.update), jax.jit(tx32.update)
+    update, update32, their_update32 = (jax.jit(t.update) for t in (tx, tx32, optax32))
     mu = nu = np.zeros((32, 16))
     for step, g in enumerate(grads, start=1):
         u, state = update(g, state, p)
         u32, state32 = update32(g, state32, p)
-        their_u32, their32 = jax.jit(optax32.update)(g, their32, p)
+        their_u32, their32 = their_update32(g, their32, p)
         np.testing.assert_array_equal(u32["w"], their_u32["w"])
         g64 = np.asarray(g["w"], np.float64)
         mu = bf16((1 - b1) * g64 + b1 * mu)
